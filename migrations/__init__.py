@@ -1,0 +1,1 @@
+"""Alembic migrations for poller's own tables, installed as poller.migrations."""

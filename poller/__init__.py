@@ -1,0 +1,8 @@
+"""Email each user whose points reach a threshold, exactly once."""
+
+import logging
+
+__version__ = "0.1.0"
+
+# Library code never configures logging: the CLI does.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,487 @@
+"""One `poller run`: find due users, claim, send, mark.
+
+The order per batch never changes: select (no side effects), claim and
+commit, connect and send, then mark each notification on its own. A run
+that stops early releases the claims it did not attempt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import IO, Any, Protocol
+
+import sqlalchemy as sa
+
+from poller import db, store
+from poller.errors import DatabaseError, PollerError
+from poller.mail import Backend, BackendFactory, Status, backend_factory, envelope_sender
+from poller.message import Recipient, build_message, new_message_id
+from poller.schema import sent_notifications
+from poller.settings import Rule, Settings, redact_url
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+class Progress(Protocol):
+    def advance(self, count: int = 1) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Preview:
+    """A notification that a dry run would send."""
+
+    rule: str
+    user_id: str
+    email: str
+    name: str
+    subject: str
+    retry: bool
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Counts of one run; `ok` is what decides exit 0."""
+
+    eligible: int = 0  # due users with valid data, including those another run claimed first
+    sent: int = 0
+    failed: int = 0  # permanently refused, or out of attempts
+    deferred: int = 0  # transient error: a later run retries
+    skipped: int = 0  # invalid rows, logged with the user id
+    claimed_elsewhere: int = 0  # another run claimed them between our SELECT and INSERT
+    dry_run: bool = False
+    duration_seconds: float = 0.0
+    previews: list[Preview] = dataclasses.field(default_factory=list)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.deferred == 0
+
+    def add(self, field: str, count: int = 1) -> None:
+        with self.lock:
+            setattr(self, field, getattr(self, field) + count)
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "eligible": self.eligible,
+            "sent": self.sent,
+            "failed": self.failed,
+            "deferred": self.deferred,
+            "skipped": self.skipped,
+            "claimed_elsewhere": self.claimed_elsewhere,
+            "dry_run": self.dry_run,
+            "duration_seconds": round(self.duration_seconds, 3),
+        }
+        if self.dry_run:
+            data["would_send"] = [dataclasses.asdict(preview) for preview in self.previews]
+        return data
+
+    def summary(self) -> str:
+        prefix = "Dry run: " if self.dry_run else ""
+        verb = "would send" if self.dry_run else "sent"
+        count = len(self.previews) if self.dry_run else self.sent
+        return (
+            f"{prefix}{self.eligible} eligible, {verb} {count}, failed {self.failed}, "
+            f"deferred {self.deferred}, skipped {self.skipped}, claimed by another run {self.claimed_elsewhere} "
+            f"in {self.duration_seconds:.2f} s"
+        )
+
+
+class RunStopped(PollerError):
+    """Wraps the error that ended a run early, with the counts so far."""
+
+    def __init__(self, cause: PollerError, result: RunResult) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.result = result
+        self.exit_code = cause.exit_code
+
+
+def aware(now: datetime) -> datetime:
+    return now.replace(tzinfo=timezone.utc)
+
+
+class Run:
+    """The state of one run: engine, users table, mail backends, claim token."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stdout: IO[str],
+        clock: Clock = store.utcnow,
+        progress: Progress | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.progress = progress
+        self.token = uuid.uuid4().hex
+        self.result = RunResult()
+        self.sender = settings.sender
+        self.envelope_sender = envelope_sender(self.sender)
+        self.make_backend: BackendFactory = backend_factory(settings, stdout)
+        self.engine = db.create_engine(settings.database_url)
+        self.backends: list[Backend] = []
+        self.local = threading.local()
+        self.lease_lock = threading.Lock()
+        self.last_refresh = clock()
+        self.stop = threading.Event()
+        self.fatal: PollerError | None = None
+        self.claimed_count = 0
+
+        with db.database_errors(settings.database_url, "connecting"), self.engine.connect() as connection:
+            db.check_migrated(connection)
+            self.users = db.reflect_users(connection, settings)
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()
+        self.backends.clear()
+        self.engine.dispose()
+
+    # Finding work ---------------------------------------------------------
+
+    def valid_batches(self, rule: Rule) -> Iterator[list[Recipient]]:
+        """Yield due users in batches, logging and counting the invalid ones."""
+        for batch in store.iter_due_users(self.engine, self.users, rule, self.settings.batch_size):
+            recipients = []
+            for candidate in batch:
+                checked = store.validate(candidate, rule)
+                if isinstance(checked, store.Skipped):
+                    self.result.add("skipped")
+                    log.warning("Skipping user %s for rule %s: %s", checked.user_id, rule.name, checked.reason)
+                elif checked is not None:
+                    recipients.append(checked)
+            self.result.add("eligible", len(recipients))
+            yield recipients
+
+    def current_recipients(
+        self, rule: Rule, rows: Sequence[tuple[int, str, str, str, int]]
+    ) -> dict[str, Recipient | str]:
+        """Re-read the users behind retried rows: a Recipient, or the reason they cannot be notified now.
+
+        A user whose points fell below the threshold since the claim is still
+        notified, because they did reach it.
+        """
+        with self.engine.connect() as connection:
+            found = store.fetch_users_by_id(connection, self.users, [row[1] for row in rows])
+        current: dict[str, Recipient | str] = {}
+        for _row_id, user_id, _email, _message_id, _attempts in rows:
+            candidate = found.get(user_id)
+            if candidate is None:
+                current[user_id] = "user no longer exists in the users table"
+                continue
+            checked = store.validate(candidate, rule, check_points=False)
+            if isinstance(checked, Recipient):
+                current[user_id] = checked
+            else:
+                current[user_id] = checked.reason if checked is not None else "invalid row"
+        return current
+
+    # Running --------------------------------------------------------------
+
+    def execute(self, rules: Sequence[Rule], *, limit: int | None) -> RunResult:
+        started = time.monotonic()
+        try:
+            for rule in rules:
+                remaining = None if limit is None else limit - self.claimed_count
+                if remaining is not None and remaining <= 0:
+                    break
+                self.run_rule(rule, limit)
+        except PollerError as exc:
+            raise RunStopped(exc, self.result) from exc
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            error = DatabaseError(
+                f"Database error during the run at {redact_url(self.settings.database_url)}: "
+                f"{db.describe_error(exc, self.settings.database_url)}"
+            )
+            raise RunStopped(error, self.result) from None
+        finally:
+            self.result.duration_seconds = time.monotonic() - started
+            self.release_claims()
+        return self.result
+
+    def release_claims(self) -> None:
+        """Give back every claim still held, so the next run retries them at once.
+
+        This also runs after Ctrl-C or SIGTERM. A message interrupted during
+        DATA may have been accepted; its retry reuses the Message-ID.
+        """
+        try:
+            released = store.release(self.engine, self.token)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning(
+                "Could not release this run's claims (%s); they become retryable after --lease",
+                db.describe_error(exc, self.settings.database_url),
+            )
+            return
+        if released:
+            log.info("Released %d claimed notifications that were not sent; the next run retries them", released)
+
+    def room(self, limit: int | None) -> int | None:
+        return None if limit is None else max(0, limit - self.claimed_count)
+
+    def run_rule(self, rule: Rule, limit: int | None) -> None:
+        # Retries first: they have waited longest.
+        while (room := self.room(limit)) is None or room > 0:
+            size = self.settings.batch_size if room is None else min(room, self.settings.batch_size)
+            rows = store.claim_retryable(
+                self.engine, rule, token=self.token, now=self.clock(), lease=self.settings.lease, limit=size
+            )
+            if not rows:
+                break
+            self.claimed_count += len(rows)
+            self.result.add("eligible", len(rows))
+            self.deliver(self.retry_claims(rule, rows))
+
+        for recipients in self.valid_batches(rule):
+            room = self.room(limit)
+            if room is not None:
+                if room <= 0:
+                    break
+                recipients = recipients[:room]
+            if not recipients:
+                continue
+            self.connect_first()
+            message_ids = [new_message_id(self.sender) for _ in recipients]
+            claims = store.claim_new(
+                self.engine, rule, recipients, token=self.token, now=self.clock(), message_ids=message_ids
+            )
+            self.result.add("claimed_elsewhere", len(recipients) - len(claims))
+            self.claimed_count += len(claims)
+            self.last_refresh = self.clock()
+            self.deliver(claims)
+
+    def retry_claims(self, rule: Rule, rows: Sequence[tuple[int, str, str, str, int]]) -> list[store.Claim]:
+        current = self.current_recipients(rule, rows)
+        claims = []
+        for row_id, user_id, email, message_id, attempts in rows:
+            recipient = current[user_id]
+            if isinstance(recipient, str):
+                placeholder = Recipient(user_id, email, "", rule.threshold)
+                claim = store.Claim(row_id, self.token, rule, message_id, attempts, placeholder)
+                store.mark_failed(self.engine, claim, f"not retried: {recipient}", attempted=False)
+                self.result.add("failed")
+                log.error("Notification for user %s (rule %s) failed: %s", user_id, rule.name, recipient)
+                continue
+            if recipient.email != email:
+                log.info("User %s changed address since the first attempt; sending to the new one", user_id)
+            claims.append(store.Claim(row_id, self.token, rule, message_id, attempts, recipient))
+        self.connect_first()
+        return claims
+
+    def connect_first(self) -> None:
+        """Open the first mail connection before claiming, so a dead server claims nothing."""
+        if not self.backends:
+            self.backend()
+
+    def backend(self) -> Backend:
+        backend = getattr(self.local, "backend", None)
+        if backend is None:
+            backend = self.make_backend()
+            connect = getattr(backend, "connect", None)
+            if connect is not None:
+                connect()
+            self.local.backend = backend
+            self.backends.append(backend)
+        return backend
+
+    def deliver(self, claims: Sequence[store.Claim]) -> None:
+        """Send each claim over one or more connections; raise the first fatal error."""
+        queue = iter(claims)
+        queue_lock = threading.Lock()
+
+        def next_claim() -> store.Claim | None:
+            with queue_lock:
+                return None if self.stop.is_set() else next(queue, None)
+
+        def worker() -> None:
+            try:
+                while (claim := next_claim()) is not None:
+                    self.send_one(claim)
+            except PollerError as exc:
+                self.fail(exc)
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                self.fail(
+                    DatabaseError(
+                        f"Database error while recording a delivery: {db.describe_error(exc, self.settings.database_url)}"
+                    )
+                )
+
+        workers = min(self.settings.smtp_connections, len(claims))
+        if workers <= 1:
+            worker()
+        else:
+            threads = [threading.Thread(target=worker, name=f"poller-smtp-{n}") for n in range(workers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+        if self.fatal is not None:
+            raise self.fatal
+
+    def fail(self, error: PollerError) -> None:
+        with self.lease_lock:
+            if self.fatal is None:
+                self.fatal = error
+        self.stop.set()
+
+    def keep_lease(self) -> None:
+        with self.lease_lock:
+            now = self.clock()
+            if (now - self.last_refresh).total_seconds() > self.settings.lease / 2:
+                store.refresh_claims(self.engine, self.token, now)
+                self.last_refresh = now
+
+    def send_one(self, claim: store.Claim) -> None:
+        self.keep_lease()
+        recipient = claim.recipient
+        message = build_message(
+            recipient, claim.rule, sender=self.sender, message_id=claim.message_id, now=aware(self.clock())
+        )
+
+        outcome = self.backend().send(message, self.envelope_sender, recipient.email)
+
+        now = self.clock()
+        if outcome.status is Status.ACCEPTED:
+            store.mark_sent(self.engine, claim, now)
+            self.result.add("sent")
+            log.debug("Sent %s to user %s (rule %s)", claim.message_id, recipient.user_id, claim.rule.name)
+        elif outcome.status is Status.PERMANENT:
+            store.mark_failed(self.engine, claim, outcome.reply)
+            self.result.add("failed")
+            log.error("Mail server refused user %s (rule %s): %s", recipient.user_id, claim.rule.name, outcome.reply)
+        else:
+            status = store.mark_transient(
+                self.engine,
+                claim,
+                now,
+                outcome.reply,
+                max_attempts=self.settings.max_attempts,
+                backoff=self.settings.retry_backoff,
+            )
+            if status == "failed":
+                self.result.add("failed")
+                log.error(
+                    "Giving up on user %s (rule %s) after %d attempts: %s",
+                    recipient.user_id,
+                    claim.rule.name,
+                    claim.attempts + 1,
+                    outcome.reply,
+                )
+            else:
+                self.result.add("deferred")
+                log.warning(
+                    "Deferred user %s (rule %s): %s; a later run retries",
+                    recipient.user_id,
+                    claim.rule.name,
+                    outcome.reply,
+                )
+        if self.progress is not None:
+            self.progress.advance()
+
+
+def run(
+    settings: Settings,
+    rules: Sequence[Rule],
+    *,
+    stdout: IO[str],
+    limit: int | None = None,
+    clock: Clock = store.utcnow,
+    progress: Progress | None = None,
+) -> RunResult:
+    """Notify every due user once; return the counts.
+
+    Raises ConfigError for bad settings before touching anything, and
+    RunStopped (carrying the counts so far) when the database or the mail
+    server fails during the run.
+    """
+    job = Run(settings, stdout=stdout, clock=clock, progress=progress)
+    try:
+        return job.execute(rules, limit=limit)
+    finally:
+        job.close()
+
+
+def dry_run(
+    settings: Settings, rules: Sequence[Rule], *, limit: int | None = None, clock: Clock = store.utcnow
+) -> RunResult:
+    """List who `run` would notify, rendering every message; write and send nothing."""
+    started = time.monotonic()
+    result = RunResult(dry_run=True)
+    engine = db.create_engine(settings.database_url)
+    sender = settings.sender
+    envelope_sender(sender)
+    try:
+        with db.database_errors(settings.database_url, "connecting"), engine.connect() as connection:
+            db.check_migrated(connection)
+            users = db.reflect_users(connection, settings)
+        job = _DryRun(settings, engine, users, result, clock)
+        for rule in rules:
+            for preview in job.previews(rule):
+                if limit is not None and len(result.previews) >= limit:
+                    break
+                build_message(
+                    Recipient(preview.user_id, preview.email, preview.name, rule.threshold),
+                    rule,
+                    sender=sender,
+                    message_id=new_message_id(sender),
+                )
+                result.previews.append(preview)
+    finally:
+        engine.dispose()
+    result.duration_seconds = time.monotonic() - started
+    return result
+
+
+class _DryRun:
+    def __init__(
+        self, settings: Settings, engine: sa.Engine, users: db.UsersTable, result: RunResult, clock: Clock
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.users = users
+        self.result = result
+        self.clock = clock
+
+    def previews(self, rule: Rule) -> Iterable[Preview]:
+        condition = store.retryable_condition(rule, self.clock(), self.settings.lease)
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(sent_notifications.c.user_id, sent_notifications.c.email)
+                .where(condition)
+                .order_by(sent_notifications.c.id)
+            ).all()
+            current = store.fetch_users_by_id(connection, self.users, [row.user_id for row in rows])
+        for row in rows:
+            candidate = current.get(row.user_id)
+            name = ""
+            if candidate is not None:
+                checked = store.validate(candidate, rule)
+                name = checked.name if isinstance(checked, Recipient) else ""
+            self.result.eligible += 1
+            yield Preview(rule.name, row.user_id, row.email, name, "", True)
+
+        for batch in store.iter_due_users(self.engine, self.users, rule, self.settings.batch_size):
+            for candidate in batch:
+                checked = store.validate(candidate, rule)
+                if isinstance(checked, store.Skipped):
+                    self.result.skipped += 1
+                    log.warning("Skipping user %s for rule %s: %s", checked.user_id, rule.name, checked.reason)
+                elif checked is not None:
+                    self.result.eligible += 1
+                    message = build_message(
+                        checked, rule, sender=self.settings.sender, message_id="<dry-run@localhost>"
+                    )
+                    yield Preview(
+                        rule.name, checked.user_id, checked.email, checked.name, str(message["Subject"]), False
+                    )
