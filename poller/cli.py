@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from poller import __version__
-from poller.errors import EXIT_FAILURE, PollerError
+from poller.errors import EXIT_FAILURE, EXIT_TEMPFAIL, EXIT_USAGE, PollerError
 from poller.settings import SETTINGS, SETTINGS_BY_NAME, Settings, load_settings, select_rules
 
 log = logging.getLogger("poller")
@@ -35,12 +35,16 @@ Exit codes:
 """
 
 
-class CommandError(click.ClickException):
-    """A PollerError on its way out, with its exit code."""
+class ConfigFailure(click.ClickException):
+    exit_code = EXIT_USAGE
 
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+
+class LockFailure(click.ClickException):
+    exit_code = EXIT_TEMPFAIL
+
+
+# click reads the exit code from the exception's class.
+CLICK_EXCEPTIONS: dict[int, type[click.ClickException]] = {EXIT_USAGE: ConfigFailure, EXIT_TEMPFAIL: LockFailure}
 
 
 @contextlib.contextmanager
@@ -50,7 +54,7 @@ def errors_to_exit_codes() -> Iterator[None]:
         yield
     except PollerError as exc:
         log.debug("Stopping on %s", type(exc).__name__, exc_info=True)
-        raise CommandError(str(exc), exc.exit_code) from None
+        raise CLICK_EXCEPTIONS.get(exc.exit_code, click.ClickException)(str(exc)) from None
 
 
 def configure_logging(verbose: int, quiet: bool) -> None:

@@ -429,7 +429,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """Read a TOML config file, raising ConfigError that names the file."""
     try:
         with path.open("rb") as handle:
-            data = tomllib.load(handle)
+            data: dict[str, Any] = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"Config file {str(path)!r} not found. Check --config or {CONFIG_ENV}.") from None
     except OSError as exc:
