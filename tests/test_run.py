@@ -233,3 +233,21 @@ def test_installed_script_end_to_end(tmp_path: Path, smtp_server: SMTPServer) ->
     assert json.loads(second.stdout)["sent"] == 0
 
     assert sorted(smtp_server.sink.recipients()) == [f"u{n}@example.com" for n in range(2, 7)]
+
+
+def test_thousands_of_users_each_get_one(invoke: Any, sqlite_url: str, smtp_server: SMTPServer) -> None:
+    rows = [
+        {"id": n, "email": f"player{n}@example.com", "points": n % 300, "name": f"Player {n}"} for n in range(1, 3001)
+    ]
+    create_users(sqlite_url, rows)
+    upgrade(sqlite_url)
+    expected = sorted(row["email"] for row in rows if row["points"] >= 100)
+
+    first = invoke(*run_args(sqlite_url, smtp_server, "--json"))
+    second = invoke(*run_args(sqlite_url, smtp_server, "--json"))
+
+    assert first.exit_code == 0
+    assert second.exit_code == 0
+    assert sorted(smtp_server.sink.recipients()) == expected
+    assert json.loads(first.stdout)["sent"] == len(expected)
+    assert json.loads(second.stdout)["sent"] == 0
