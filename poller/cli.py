@@ -150,6 +150,7 @@ def run(**params: Any) -> None:
     rule_name = params.pop("rule_name")
     as_json = params.pop("as_json")
     wait_lock = params.pop("wait_lock")
+    quiet = bool(params.get("quiet"))
 
     with errors_to_exit_codes():
         settings = build_settings(params)
@@ -168,13 +169,22 @@ def run(**params: Any) -> None:
         # SIGTERM (cron or systemd stopping us) unwinds like Ctrl-C, so the
         # run releases its unsent claims instead of waiting out the lease.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        with RunLock(lock_path, wait=wait_lock):
+        from poller import heartbeat, progress
+
+        # The heartbeat starts only once the lock is ours, so a run that
+        # finds another one running reports nothing to the monitor.
+        with RunLock(lock_path, wait=wait_lock), heartbeat.reporting(settings.ping_url) as ping:
             console = sys.stderr if as_json else sys.stdout
+            bar = progress.bar_for(settings, rules, limit=limit, quiet=quiet, stream=sys.stderr)
             try:
-                result = runner.run(settings, rules, stdout=console, limit=limit)
+                with bar if bar is not None else contextlib.nullcontext():
+                    result = runner.run(settings, rules, stdout=console, limit=limit, progress=bar)
             except runner.RunStopped as stopped:
                 _report(stopped.result, as_json, error=str(stopped))
                 raise stopped.cause from None
+            if ping is not None:
+                ping.exit_code = 0 if result.ok else EXIT_FAILURE
+                ping.summary = result.summary()
 
     _report(result, as_json)
     if not result.ok:
@@ -269,3 +279,11 @@ def sample_db(path: str, count: int) -> None:
 
 def main() -> None:
     cli(prog_name="poller")
+
+
+# The operator commands live in their own module, which imports the helpers
+# above, so they are registered last.
+from poller.cli_ops import COMMANDS as OPS_COMMANDS  # noqa: E402
+
+for _command in OPS_COMMANDS:
+    cli.add_command(_command)

@@ -148,8 +148,9 @@ def _url(_name: str, value: Any) -> str | None:
     text = _text(_name, value).strip()
     if not text:
         return None
-    if urlsplit(text).scheme not in ("http", "https"):
-        raise _Invalid(f"{text!r} is not an http:// or https:// URL")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Invalid("must be an http:// or https:// URL with a host")
     return text
 
 
@@ -358,6 +359,19 @@ def redact_url(url: str) -> str:
     return url.replace(parts.netloc, f"{user}:***@{netloc[2]}", 1)
 
 
+def redact_path_url(url: str) -> str:
+    """Return the URL's scheme and host with the path hidden, for URLs whose path is a secret token."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:  # an invalid port is shown as no port
+        port = None
+    if port is not None:
+        host = f"{host}:{port}"
+    return f"{parts.scheme}://{host}/***"
+
+
 def check_template(text: str) -> None:
     """Raise _Invalid unless every $placeholder is one of TEMPLATE_FIELDS."""
     for match in string.Template.pattern.finditer(text):
@@ -414,6 +428,8 @@ class Settings:
             return "***"
         if name == "database_url":
             return redact_url(str(value))
+        if name == "ping_url":
+            return redact_path_url(str(value))
         return str(value)
 
 
@@ -482,6 +498,8 @@ def load_settings(
             values[setting.name] = setting.parse(setting.name, raw)
         except _Invalid as exc:
             shown = "***" if setting.secret else raw
+            if setting.name == "ping_url" and isinstance(raw, str):
+                shown = redact_path_url(raw)  # the check's URL works as a password
             where = _where(setting, source, path)
             raise ConfigError(f"Invalid value {shown!r} for {where}: {exc}.") from None
         except ConfigError as exc:
