@@ -430,12 +430,14 @@ def dry_run(
             for preview in job.previews(rule):
                 if limit is not None and len(result.previews) >= limit:
                     break
-                build_message(
+                message = build_message(
                     Recipient(preview.user_id, preview.email, preview.name, rule.threshold),
                     rule,
                     sender=sender,
                     message_id=new_message_id(sender),
                 )
+                if not preview.subject:  # a retry: its subject is rendered only here
+                    preview = dataclasses.replace(preview, subject=str(message["Subject"]))
                 result.previews.append(preview)
     finally:
         engine.dispose()
