@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import logging
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -61,13 +62,21 @@ class Heartbeat:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
                 response.read(1024)
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            # urllib's HTTPError and URLError are OSErrors; their text can
-            # repeat the URL, so only the reason is logged.
-            reason = getattr(exc, "reason", None) or getattr(exc, "code", None) or type(exc).__name__
-            log.warning("Heartbeat ping %r to %s failed (%s); the run goes on", signal, shown, reason)
+            log.warning("Heartbeat ping %r to %s failed (%s); the run goes on", signal, shown, self.describe(exc))
             return False
         log.debug("Heartbeat ping %r to %s sent (run id %s)", signal, shown, self.run_id)
         return True
+
+    def describe(self, exc: BaseException) -> str:
+        """Render a ping error without the URL, which urllib's messages can repeat."""
+        if isinstance(exc, urllib.error.HTTPError):
+            return f"HTTP {exc.code} {exc.reason}"
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, TimeoutError):
+            return f"timed out after {self.timeout:g} s"
+        if isinstance(reason, OSError) and reason.strerror:
+            return reason.strerror
+        return type(reason).__name__ if isinstance(reason, BaseException) else str(reason)
 
     def start(self) -> None:
         self.ping("start")
