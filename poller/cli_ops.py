@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import sqlalchemy as sa
 
 DATABASE_SETTINGS = ("database_url",)
-# What `poller pending` needs: the users table and the templates (to render
+# Settings that `poller pending` reads: the users table and the templates (to render
 # subjects), but no mail settings.
 PENDING_SETTINGS = (
     "database_url",

@@ -50,21 +50,21 @@ class Heartbeat:
         return urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
     def ping(self, signal: str, body: str = "") -> bool:
-        """Send one ping; return whether the monitor answered 2xx. Never raises."""
+        """Send one ping; return whether the monitor returned 2xx. Never raises."""
         request = urllib.request.Request(  # noqa: S310 - the URL was checked to be http or https
             self.endpoint(signal),
             data=body.encode("utf-8")[:MAX_BODY_BYTES],
             method="POST",
             headers={"Content-Type": "text/plain; charset=utf-8", "User-Agent": "poller"},
         )
-        shown = redact_path_url(self.url)
+        redacted = redact_path_url(self.url)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
                 response.read(1024)
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            log.warning("Heartbeat ping %r to %s failed (%s); the run goes on", signal, shown, self.describe(exc))
+            log.warning("Heartbeat ping %r to %s failed (%s); the run goes on", signal, redacted, self.describe(exc))
             return False
-        log.debug("Heartbeat ping %r to %s sent (run id %s)", signal, shown, self.run_id)
+        log.debug("Heartbeat ping %r to %s sent (run id %s)", signal, redacted, self.run_id)
         return True
 
     def describe(self, exc: BaseException) -> str:
