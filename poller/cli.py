@@ -269,3 +269,11 @@ def sample_db(path: str, count: int) -> None:
 
 def main() -> None:
     cli(prog_name="poller")
+
+
+# Registered last: these modules import the helpers defined above.
+from poller.cli_cron import cron  # noqa: E402
+from poller.cli_doctor import doctor  # noqa: E402
+
+cli.add_command(cron)
+cli.add_command(doctor)
