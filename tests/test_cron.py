@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -402,24 +401,6 @@ def test_show_without_line_says_so(invoke: Any, tmp_path: Path) -> None:
 def crontab_text() -> str:
     result = subprocess.run(["crontab", "-l"], capture_output=True, text=True, check=False)
     return result.stdout if result.returncode == 0 else ""
-
-
-@pytest.fixture
-def root_crontab() -> Iterator[None]:
-    """Save the real crontab of the current user and restore it afterwards."""
-    if shutil.which("crontab") is None:
-        if os.environ.get("POLLER_TEST_REQUIRE_SERVERS") == "1":
-            pytest.fail("The crontab program is missing; .ci/run installs Debian's cron package.")
-        pytest.skip("The crontab program is missing; install Debian's cron package.")
-    listed = subprocess.run(["crontab", "-l"], capture_output=True, text=True, check=False)
-    saved = listed.stdout if listed.returncode == 0 else None
-    try:
-        yield
-    finally:
-        if saved is None:
-            subprocess.run(["crontab", "-r"], capture_output=True, check=False)
-        else:
-            subprocess.run(["crontab", "-"], input=saved, text=True, check=True)
 
 
 def unique_name() -> str:
