@@ -2,10 +2,10 @@
 
 python-crontab parses and validates schedules, finds poller's lines by their
 marker comment, describes schedules and computes the next run times. It does
-not write the crontab: its render() rewrites every line it parses (tabs
-become spaces, variables move to the top, `@daily` and `0 0 * * *` swap), so
-poller splices its own line into the text it read and hands the result to
-the `crontab` program (or replaces the cron file) unchanged otherwise.
+not write the crontab, because its render() rewrites every line it parses:
+tabs become spaces, variables move to the top, `0 0 * * *` becomes `@daily`.
+Instead poller replaces its own line in the text it read and hands the result
+to the `crontab` program, or replaces the cron file.
 
 This module imports neither SQLAlchemy nor Alembic, so `poller cron show`
 starts quickly.
@@ -205,7 +205,7 @@ def _replace_file(path: Path, text: str) -> None:
 
 
 def remove_file(path: Path) -> None:
-    """Delete a cron file that no longer holds any line."""
+    """Delete a cron file that no longer contains any line."""
     try:
         path.unlink()
     except FileNotFoundError:

@@ -92,7 +92,7 @@ class RunLock:
                     holder = self._holder()
                     waited = f" after waiting {self.wait:g} s" if self.wait else ""
                     raise LockBusy(
-                        f"Another poller run{holder} holds {str(self.path)!r}{waited}; not starting."
+                        f"Another poller run{holder} is active and holds the lock file {str(self.path)!r}{waited}; not starting."
                     ) from None
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 from poller.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ON_CALENDAR = "*:0/5"
 
@@ -14,15 +19,28 @@ ON_CALENDAR_PATTERN = re.compile(r"[A-Za-z0-9*/,.:~ +-]+")
 
 
 def check_on_calendar(spec: str) -> str:
-    """Return the spec stripped, or raise ConfigError if it cannot be a calendar event.
+    """Return the spec stripped, or raise ConfigError if it is not a calendar event.
 
-    NOTE: only the character set is checked here; `systemd-analyze calendar
-    SPEC` on the target host checks the syntax itself.
+    `systemd-analyze calendar` checks the syntax where it is installed. On a
+    host without it only the character set is checked.
     """
     text = spec.strip()
+    problem = ""
     if not text or not ON_CALENDAR_PATTERN.fullmatch(text):
+        problem = "it contains characters that a calendar event never has"
+    elif shutil.which("systemd-analyze"):
+        try:
+            result = subprocess.run(
+                ["systemd-analyze", "calendar", text], capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("Could not check --on-calendar with systemd-analyze: %s", exc)
+        else:
+            if result.returncode != 0:
+                problem = " ".join(result.stderr.split()) or "systemd-analyze rejected it"
+    if problem:
         raise ConfigError(
-            f"--on-calendar {spec!r} is not a systemd calendar event. Use a form such as '*:0/5' "
+            f"--on-calendar {spec!r} is not a systemd calendar event ({problem}). Use a form such as '*:0/5' "
             "(every five minutes) or 'daily', and check it with: systemd-analyze calendar SPEC."
         )
     return text

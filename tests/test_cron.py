@@ -521,3 +521,69 @@ def test_concurrent_edit_is_not_overwritten(settings_env: dict[str, str]) -> Non
 
     assert "changed while poller was preparing" in str(error.value)
     assert crontab_text() == edited
+
+
+# systemd -------------------------------------------------------------------
+
+
+def test_systemd_units_written(invoke: Any, tmp_path: Path) -> None:
+    database = tmp_path / "100% app.db"
+    units = tmp_path / "units"
+    units.mkdir()
+
+    result = invoke(
+        "cron", "systemd", "--on-calendar", "*:0/10", "--name", "poller-game", "--output-dir", str(units),
+        "--database-url", f"sqlite:///{database}", "--mail-url", "smtp://127.0.0.1:2525",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    service = (units / "poller-game.service").read_text()
+    timer = (units / "poller-game.timer").read_text()
+    exec_start = next(line for line in service.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.startswith(f'ExecStart="{Path(sys.executable).parent / "poller"}" "run" ')
+    assert f'"--database-url" "sqlite:///{tmp_path}/100%% app.db"' in exec_start
+    assert "SuccessExitStatus=75" in service.splitlines()
+    assert "OnCalendar=*:0/10" in timer.splitlines()
+    assert "systemctl enable --now poller-game.timer" in result.stdout
+
+
+def test_systemd_rejects_bad_calendar(invoke: Any) -> None:
+    result = invoke("cron", "systemd", "--on-calendar", "every 5 min; rm -rf /")
+
+    assert result.exit_code == 2
+    assert "systemd-analyze calendar" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_rejects_bad_syntax(invoke: Any) -> None:
+    result = invoke("cron", "systemd", "--on-calendar", "*:0/99/x")
+
+    assert result.exit_code == 2
+    assert "Failed to parse calendar specification" in result.stderr
+
+
+# crontab.example -----------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "crontab.example"
+
+
+@pytest.mark.usefixtures("root_crontab")
+def test_example_is_accepted_by_crontab() -> None:
+    text = EXAMPLE.read_text()
+
+    result = subprocess.run(["crontab", "-"], input=text, capture_output=True, text=True, check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert crontab_text() == text
+
+
+def test_example_lines_are_poller_lines() -> None:
+    text = EXAMPLE.read_text()
+    system_line = next(line for line in text.splitlines() if line.startswith("#   */5 "))
+
+    user_entries = [entry for _, entry in cron.find_entries(text, "poller", system=False) if entry.enabled]
+    system_entries = cron.find_entries(system_line[4:] + "\n", "poller", system=True)
+
+    assert [entry.schedule for entry in user_entries] == ["*/5 * * * *"]
+    assert user_entries[0].command.startswith("/opt/poller/venv/bin/poller run --quiet --config /etc/poller/")
+    assert system_entries[0][1].user == "poller"

@@ -72,7 +72,7 @@ def test_second_run_exits_75_then_runs_after_kill(
         assert second.returncode == 75
         assert holder.poll() is None
         assert second.stderr.count("\n") == 1
-        assert f"Another poller run (pid {holder.pid}) holds" in second.stderr
+        assert f"Another poller run (pid {holder.pid}) is active" in second.stderr
         assert smtp_server.sink.received == []
     finally:
         holder.send_signal(signal.SIGKILL)
