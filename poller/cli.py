@@ -281,9 +281,12 @@ def main() -> None:
     cli(prog_name="poller")
 
 
-# The operator commands live in their own module, which imports the helpers
-# above, so they are registered last.
+# Registered last: these modules import the helpers defined above.
+from poller.cli_cron import cron  # noqa: E402
+from poller.cli_doctor import doctor  # noqa: E402
 from poller.cli_ops import COMMANDS as OPS_COMMANDS  # noqa: E402
 
+cli.add_command(cron)
+cli.add_command(doctor)
 for _command in OPS_COMMANDS:
     cli.add_command(_command)

@@ -11,7 +11,7 @@ import fcntl
 import hashlib
 import logging
 import os
-import tempfile
+import re
 import time
 from pathlib import Path
 from types import TracebackType
@@ -21,30 +21,46 @@ from poller.errors import ConfigError, LockBusy
 log = logging.getLogger(__name__)
 
 
+SQLITE_RELATIVE = re.compile(r"(sqlite(?:\+\w+)?):///(?!/)")
+
+
 def canonical_database(url: str) -> str:
     """Return the URL with a SQLite path made absolute, so every cwd maps one database to one lock."""
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        path, _, query = url[len("sqlite:///") :].partition("?")
+    match = SQLITE_RELATIVE.match(url)
+    if match:
+        path, _, query = url[match.end() :].partition("?")
         if path and path != ":memory:":
-            absolute = "sqlite:///" + str(Path(path).resolve())
+            absolute = f"{match.group(1)}:///" + str(Path(path).resolve())
             return absolute + ("?" + query if query else "")
     return url
 
 
 def lock_directory() -> Path:
-    """$XDG_RUNTIME_DIR when set, else /run/lock, else the temporary directory."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
-        return Path(runtime)
-    for candidate in ("/run/lock", "/var/lock"):
-        if os.path.isdir(candidate) and os.access(candidate, os.W_OK):
+    """Return the system lock directory if writable, else $XDG_RUNTIME_DIR.
+
+    The system directory comes first because cron sets no XDG_RUNTIME_DIR:
+    a run from a login shell and one from cron must pick the same file.
+    The working directory is never used, because cron's is the home
+    directory while a shell's is anywhere.
+    """
+    candidates = ["/run/lock", "/var/lock", os.environ.get("XDG_RUNTIME_DIR", "")]
+    for candidate in candidates:
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
             return Path(candidate)
-    return Path(tempfile.gettempdir())
+    raise ConfigError(
+        "No writable lock directory: neither /run/lock, /var/lock nor $XDG_RUNTIME_DIR is writable. "
+        "Set --lock-file (POLLER_LOCK_FILE) to a path this user can write."
+    )
 
 
 def default_lock_path(database_url: str) -> Path:
+    """Return the lock file for this database and user.
+
+    The user id is part of the name, so that a lock file created by another
+    user in the shared directory cannot lock this user out.
+    """
     digest = hashlib.sha256(canonical_database(database_url).encode("utf-8")).hexdigest()[:16]
-    return lock_directory() / f"poller-{digest}.lock"
+    return lock_directory() / f"poller-{os.getuid()}-{digest}.lock"
 
 
 class RunLock:
@@ -57,7 +73,9 @@ class RunLock:
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # O_NOFOLLOW: in a world-writable lock directory, a symlink planted
+            # by another user must not make us truncate the file it points to.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise ConfigError(
                 f"Cannot open lock file {str(self.path)!r}: {exc.strerror}. Set --lock-file to a writable path."
@@ -74,7 +92,7 @@ class RunLock:
                     holder = self._holder()
                     waited = f" after waiting {self.wait:g} s" if self.wait else ""
                     raise LockBusy(
-                        f"Another poller run{holder} holds {str(self.path)!r}{waited}; not starting."
+                        f"Another poller run{holder} is active and holds the lock file {str(self.path)!r}{waited}; not starting."
                     ) from None
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 

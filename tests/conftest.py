@@ -14,6 +14,7 @@ import email.policy
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import uuid
@@ -280,3 +281,24 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env["POLLER_LOCK_FILE"] = str(tmp_path / "poller.lock")
     env.update(extra)
     return env
+
+
+# Cron ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_crontab() -> Iterator[None]:
+    """Save the real crontab of the current user (root in CI) and restore it afterwards."""
+    if shutil.which("crontab") is None:
+        if os.environ.get("POLLER_TEST_REQUIRE_SERVERS") == "1":
+            pytest.fail("The crontab program is missing; .ci/run installs Debian's cron package.")
+        pytest.skip("The crontab program is missing; install Debian's cron package.")
+    listed = subprocess.run(["crontab", "-l"], capture_output=True, text=True, check=False)
+    saved = listed.stdout if listed.returncode == 0 else None
+    try:
+        yield
+    finally:
+        if saved is None:
+            subprocess.run(["crontab", "-r"], capture_output=True, check=False)
+        else:
+            subprocess.run(["crontab", "-"], input=saved, text=True, check=True)
