@@ -33,10 +33,10 @@ def target_options(func: F) -> F:
         "cron_file",
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
-        help="Change this system cron file (/etc/cron.d format) instead of a user's crontab.",
+        help="Use this system cron file (/etc/cron.d format) instead of a user's crontab.",
     )(func)
     func = click.option(
-        "--user", default=None, help="Change this user's crontab (crontab -u) instead of your own; needs root."
+        "--user", default=None, help="Use this user's crontab (crontab -u) instead of your own; needs root."
     )(func)
     return func
 

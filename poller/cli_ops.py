@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from poller.cli import build_settings, common_options, errors_to_exit_codes, settings_options
-from poller.errors import MailError
-from poller.schema import STATUSES
+from poller.errors import STATUSES, MailError
 from poller.settings import SETTINGS, Settings, select_rules
 from poller.table import echo_table
 

@@ -6,6 +6,10 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL from sysexits.h: another run holds the lock
 
+# The states of a sent_notifications row. Kept here, not in poller.schema,
+# so that commands can name them without importing SQLAlchemy.
+STATUSES = ("pending", "sent", "failed")
+
 
 class PollerError(Exception):
     """Base class: a failure whose message is written for the operator."""

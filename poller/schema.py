@@ -21,7 +21,6 @@ Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 # alembic_version, which the application that owns the users table may use.
 VERSION_TABLE = "poller_alembic_version"
 
-STATUSES = ("pending", "sent", "failed")
 
 metadata = MetaData()
 
