@@ -153,11 +153,7 @@ class SMTPBackend:
             ) from None
         except TimeoutError:
             _close_quietly(smtp)
-            hint = " If this port expects implicit TLS (usually 465), use smtps://." if scheme != "smtps" else ""
-            raise MailError(
-                f"Timed out after {self.timeout:g} s waiting for the mail server at {self.where}.{hint} "
-                "Check --mail-url and --smtp-timeout."
-            ) from None
+            raise MailError(self._timeout_message()) from None
         except smtplib.SMTPConnectError as exc:
             _close_quietly(smtp)
             raise MailError(
@@ -165,6 +161,9 @@ class SMTPBackend:
             ) from None
         except smtplib.SMTPServerDisconnected as exc:
             _close_quietly(smtp)
+            if isinstance(exc.__context__, TimeoutError):
+                # smtplib reports a read that timed out as a disconnect.
+                raise MailError(self._timeout_message()) from None
             raise MailError(
                 f"The mail server at {self.where} closed the connection during setup ({exc}). Check --mail-url."
             ) from None
@@ -182,6 +181,13 @@ class SMTPBackend:
         log.debug("Connected to %s (%s)", self.where, scheme)
         self.smtp = smtp
         return smtp
+
+    def _timeout_message(self) -> str:
+        hint = " If this port expects implicit TLS (usually 465), use smtps://." if self.url.scheme != "smtps" else ""
+        return (
+            f"Timed out after {self.timeout:g} s waiting for the mail server at {self.where}.{hint} "
+            "Check --mail-url and --smtp-timeout."
+        )
 
     def check(self) -> str:
         smtp = self.connect()
