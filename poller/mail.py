@@ -113,7 +113,7 @@ class SMTPBackend:
                 if not smtp.has_extn("starttls"):
                     raise MailConfigError(
                         f"The mail server at {self.where} does not offer STARTTLS, which smtp+starttls:// requires. "
-                        "Use smtps:// if it expects implicit TLS, or smtp:// to send unencrypted."
+                        "Change --mail-url to smtps:// if it expects implicit TLS, or to smtp:// to send unencrypted."
                     )
                 smtp.starttls(context=self._tls_context())
                 smtp.ehlo()
