@@ -94,6 +94,7 @@ class SMTPBackend:
         self.timeout = timeout
         self.ca_file = ca_file
         self.smtp: smtplib.SMTP | None = None
+        self.gave_up_on_previous = False  # the last message ran out of reconnects
         self.where = f"{url.host}:{url.port}"
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -201,21 +202,31 @@ class SMTPBackend:
         while True:
             smtp = self.smtp or self.connect()
             try:
-                return self._transaction(smtp, data, sender, recipient)
+                outcome = self._transaction(smtp, data, sender, recipient)
             except _Reconnect as exc:
                 self._drop()
                 reconnects += 1
-                if reconnects > MAX_RECONNECTS:
+                if reconnects <= MAX_RECONNECTS:
+                    log.warning(
+                        "Mail server at %s dropped the connection (%s); reconnecting, attempt %d of %d",
+                        self.where,
+                        exc,
+                        reconnects,
+                        MAX_RECONNECTS,
+                    )
+                    continue
+                # One message that keeps failing is deferred, so that a fault
+                # tied to one recipient does not hold up the others; two such
+                # messages in a row point at the server, and stop the run.
+                if self.gave_up_on_previous:
                     raise MailError(
-                        f"The mail server at {self.where} dropped the connection {reconnects} times in a row ({exc}); stopping the run."
+                        f"The mail server at {self.where} dropped the connection {reconnects} times in a row "
+                        f"for two messages in a row ({exc}); stopping the run."
                     ) from None
-                log.warning(
-                    "Mail server at %s dropped the connection (%s); reconnecting, attempt %d of %d",
-                    self.where,
-                    exc,
-                    reconnects,
-                    MAX_RECONNECTS,
-                )
+                self.gave_up_on_previous = True
+                return Outcome(Status.TRANSIENT, str(exc))
+            self.gave_up_on_previous = False
+            return outcome
 
     def _transaction(self, smtp: smtplib.SMTP, data: bytes, sender: str, recipient: str) -> Outcome:
         # Each step is sent on its own so that a dropped connection before
@@ -234,7 +245,7 @@ class SMTPBackend:
                 self._reset(smtp)
                 return classify(code, reply)
         except (smtplib.SMTPServerDisconnected, ConnectionError, TimeoutError) as exc:
-            raise _Reconnect(str(exc) or type(exc).__name__) from None
+            raise _Reconnect(f"connection dropped before DATA: {exc or type(exc).__name__}") from None
 
         try:
             code, reply = smtp.data(data)
