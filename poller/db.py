@@ -44,7 +44,9 @@ def create_engine(url: str, *, must_exist: bool = True) -> Engine:
                 f"SQLite database file {database!r} does not exist. Check --database-url; "
                 "an absolute path needs four slashes: sqlite:////var/lib/app.db."
             )
-        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT}
+        # A `?timeout=SECONDS` in the URL overrides the default busy timeout.
+        if "timeout" not in parsed.query:
+            options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT}
     else:
         # pre_ping replaces connections the server closed while we sent
         # mail, such as MySQL's after wait_timeout.

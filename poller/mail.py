@@ -94,6 +94,7 @@ class SMTPBackend:
         self.timeout = timeout
         self.ca_file = ca_file
         self.smtp: smtplib.SMTP | None = None
+        self.gave_up_on_previous = False  # the last message ran out of reconnects
         self.where = f"{url.host}:{url.port}"
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -113,7 +114,7 @@ class SMTPBackend:
                 if not smtp.has_extn("starttls"):
                     raise MailConfigError(
                         f"The mail server at {self.where} does not offer STARTTLS, which smtp+starttls:// requires. "
-                        "Use smtps:// if it expects implicit TLS, or smtp:// to send unencrypted."
+                        "Change --mail-url to smtps:// if it expects implicit TLS, or to smtp:// to send unencrypted."
                     )
                 smtp.starttls(context=self._tls_context())
                 smtp.ehlo()
@@ -153,11 +154,7 @@ class SMTPBackend:
             ) from None
         except TimeoutError:
             _close_quietly(smtp)
-            hint = " If this port expects implicit TLS (usually 465), use smtps://." if scheme != "smtps" else ""
-            raise MailError(
-                f"Timed out after {self.timeout:g} s waiting for the mail server at {self.where}.{hint} "
-                "Check --mail-url and --smtp-timeout."
-            ) from None
+            raise MailError(self._timeout_message()) from None
         except smtplib.SMTPConnectError as exc:
             _close_quietly(smtp)
             raise MailError(
@@ -165,6 +162,9 @@ class SMTPBackend:
             ) from None
         except smtplib.SMTPServerDisconnected as exc:
             _close_quietly(smtp)
+            if isinstance(exc.__context__, TimeoutError):
+                # smtplib reports a read that timed out as a disconnect.
+                raise MailError(self._timeout_message()) from None
             raise MailError(
                 f"The mail server at {self.where} closed the connection during setup ({exc}). Check --mail-url."
             ) from None
@@ -183,6 +183,13 @@ class SMTPBackend:
         self.smtp = smtp
         return smtp
 
+    def _timeout_message(self) -> str:
+        hint = " If this port expects implicit TLS (usually 465), use smtps://." if self.url.scheme != "smtps" else ""
+        return (
+            f"Timed out after {self.timeout:g} s waiting for the mail server at {self.where}.{hint} "
+            "Check --mail-url and --smtp-timeout."
+        )
+
     def check(self) -> str:
         smtp = self.connect()
         features = ", ".join(sorted(smtp.esmtp_features)) or "none"
@@ -195,21 +202,31 @@ class SMTPBackend:
         while True:
             smtp = self.smtp or self.connect()
             try:
-                return self._transaction(smtp, data, sender, recipient)
+                outcome = self._transaction(smtp, data, sender, recipient)
             except _Reconnect as exc:
                 self._drop()
                 reconnects += 1
-                if reconnects > MAX_RECONNECTS:
+                if reconnects <= MAX_RECONNECTS:
+                    log.warning(
+                        "Mail server at %s dropped the connection (%s); reconnecting, attempt %d of %d",
+                        self.where,
+                        exc,
+                        reconnects,
+                        MAX_RECONNECTS,
+                    )
+                    continue
+                # One message that keeps failing is deferred, so that a fault
+                # tied to one recipient does not hold up the others; two such
+                # messages in a row point at the server, and stop the run.
+                if self.gave_up_on_previous:
                     raise MailError(
-                        f"The mail server at {self.where} dropped the connection {reconnects} times in a row ({exc}); stopping the run."
+                        f"The mail server at {self.where} dropped the connection {reconnects} times in a row "
+                        f"for two messages in a row ({exc}); stopping the run."
                     ) from None
-                log.warning(
-                    "Mail server at %s dropped the connection (%s); reconnecting, attempt %d of %d",
-                    self.where,
-                    exc,
-                    reconnects,
-                    MAX_RECONNECTS,
-                )
+                self.gave_up_on_previous = True
+                return Outcome(Status.TRANSIENT, str(exc))
+            self.gave_up_on_previous = False
+            return outcome
 
     def _transaction(self, smtp: smtplib.SMTP, data: bytes, sender: str, recipient: str) -> Outcome:
         # Each step is sent on its own so that a dropped connection before
@@ -228,7 +245,7 @@ class SMTPBackend:
                 self._reset(smtp)
                 return classify(code, reply)
         except (smtplib.SMTPServerDisconnected, ConnectionError, TimeoutError) as exc:
-            raise _Reconnect(str(exc) or type(exc).__name__) from None
+            raise _Reconnect(f"connection dropped before DATA: {exc or type(exc).__name__}") from None
 
         try:
             code, reply = smtp.data(data)
