@@ -4,7 +4,7 @@ User i (from 1) has the address user{i}@example.com. Every k-th user is
 eligible (points at or above the threshold of 100), spread evenly over the
 ids, and the first `notified` eligible users already have a `sent` row in
 sent_notifications, as after an earlier run. poller's own migrations create
-sent_notifications, so the benchmark sees the schema poller uses.
+sent_notifications, so the benchmark uses the schema poller uses.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Every target is a ratio of two measurements taken in this one run on this
 one machine, because absolute times on a shared machine mean little. Each
-program runs in its own process; wall time and peak RSS come from
-os.wait4. Data lives in a temporary directory that is removed at the end;
-PostgreSQL measurements create and drop their own database.
+program runs in its own process, under GNU time for its peak RSS. Data
+lives in a temporary directory that is removed at the end; PostgreSQL
+measurements create and drop their own database.
 
     python -m benchmarks.run                     # every target, a few minutes
     python -m benchmarks.run --smoke             # tiny sizes, seconds
@@ -99,21 +99,25 @@ class Result:
         return all(met for _, _, met in self.ratios.values()) and all(a == b for a, b in self.counts.values())
 
 
+# GNU time reports the child's peak RSS. os.wait4 on the child itself would
+# also count the pages it shared with this large process between fork and exec.
+TIME = ["/usr/bin/time", "-f", "peak_rss_kb=%M"]
+
+
 def start(command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], float]:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen([*TIME, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return process, time.perf_counter()
 
 
 def finish(process: subprocess.Popen[str], started: float) -> Process:
-    """Wait for `process` and read its rusage, which only os.wait4 gives per child."""
-    stdout = process.stdout.read() if process.stdout else ""
-    stderr = process.stderr.read() if process.stderr else ""
-    _, status, usage = os.wait4(process.pid, 0)
+    """Wait for `process`; raise RuntimeError unless it exited with 0."""
+    stdout, stderr = process.communicate()
     seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{process.args} exited with {process.returncode}: {stderr[-2000:]}")
-    return Process(seconds, usage.ru_maxrss / 1024, stdout, stderr)
+    stderr, _, last = stderr.rstrip("\n").rpartition("\n")
+    peak_kb = int(last.removeprefix("peak_rss_kb="))
+    return Process(seconds, peak_kb / 1024, stdout, stderr)
 
 
 def measure(command: list[str], env: dict[str, str] | None = None) -> Process:
@@ -164,7 +168,7 @@ class Bench:
     # Targets ---------------------------------------------------------------
 
     def target_1(self) -> Result:
-        """One connection, no delay: poller's throughput against the bare smtplib loop."""
+        """Compare poller's throughput over one connection, with no delay, with the bare smtplib loop."""
         result = Result("1. one connection, loopback sink")
         count = self.sizes.messages
         pairs = []
@@ -182,7 +186,7 @@ class Bench:
         return result
 
     def target_2(self) -> Result:
-        """A slow relay: eight connections against one, and against a new connection per message."""
+        """Compare eight connections to a slow relay with one, and with a new connection per message."""
         result = Result(f"2. relay delaying each reply to DATA by {self.sizes.delay_ms:g} ms")
         count = self.sizes.delayed_messages
         one, eight, naive = [], [], []
