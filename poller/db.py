@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 from poller.errors import ConfigError, DatabaseError
-from poller.schema import sent_notifications
+from poller.schema import HEAD_REVISION, VERSION_TABLE, sent_notifications
 from poller.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,14 @@ def check_migrated(connection: sa.Connection) -> None:
             "The database has no sent_notifications table. Run `poller db upgrade` with the same --database-url first."
         )
 
-    from poller import migrate  # Alembic loads only where it is needed
+    # Reading the version table directly spares every run the import of
+    # Alembic (about 0.1 s); Alembic itself decides only when they differ.
+    if inspector.has_table(VERSION_TABLE):
+        stored = connection.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()  # noqa: S608
+        if stored == [HEAD_REVISION]:
+            return
+
+    from poller import migrate
 
     current = migrate.current_revision(connection)
     head = migrate.head_revision()

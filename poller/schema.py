@@ -21,6 +21,10 @@ Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 # alembic_version, which the application that owns the users table may use.
 VERSION_TABLE = "poller_alembic_version"
 
+# The newest migration in migrations/versions. `poller run` compares the
+# version table with it without importing Alembic; a test checks that it
+# matches Alembic's head, so a new migration must update it.
+HEAD_REVISION = "0001"
 
 metadata = MetaData()
 

@@ -1,0 +1,1 @@
+"""Benchmarks for poller: data generator, SMTP sink, reference programs and the runner."""
