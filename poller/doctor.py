@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from poller import cron, db
+from poller import cron, db, indexes
 from poller.errors import PollerError
 from poller.settings import Settings
 
@@ -64,31 +64,21 @@ def check_database(settings: Settings) -> Iterator[Check]:
                 column.name for column in (users.id, users.email, users.points, users.name) if column is not None
             ]
             yield Check(Status.OK, "users table", f"{settings.users_table!r} has the columns {', '.join(columns)}")
-            yield _check_points_index(connection, settings, users.points.name)
+            yield _check_points_index(connection, users)
     except PollerError as exc:
         yield Check(Status.FAIL, "database", str(exc))
     finally:
         engine.dispose()
 
 
-def _check_points_index(connection: sa.Connection, settings: Settings, points: str) -> Check:
-    schema, _, table = settings.users_table.rpartition(".")
+def _check_points_index(connection: sa.Connection, users: db.UsersTable) -> Check:
     try:
-        indexes = sa.inspect(connection).get_indexes(table, schema=schema or None)
+        warning = indexes.points_index_warning(connection, users)
     except (sa.exc.SQLAlchemyError, NotImplementedError) as exc:
-        return Check(Status.WARN, "points index", f"cannot list the indexes of {settings.users_table!r}: {exc}")
-
-    # Only an index that starts with the points column serves `points >= :threshold`.
-    for index in indexes:
-        columns = index.get("column_names") or []
-        if columns and columns[0] == points:
-            return Check(Status.OK, "points index", f"index {index['name']!r} covers {settings.users_table}.{points}")
-    return Check(
-        Status.WARN,
-        "points index",
-        f"{settings.users_table}.{points} has no index, so every run scans the whole table. "
-        f"If the application allows it, create one: CREATE INDEX {table}_{points}_idx ON {settings.users_table} ({points})",
-    )
+        return Check(Status.WARN, "points index", f"cannot list the indexes of {users.table.fullname!r}: {exc}")
+    if warning is not None:
+        return Check(Status.WARN, "points index", warning)
+    return Check(Status.OK, "points index", f"{users.table.fullname}.{users.points.name} is indexed")
 
 
 def check_mail(settings: Settings) -> Check:

@@ -47,8 +47,8 @@ def test_doctor_warns_without_points_index(invoke: Any, app_db: str, smtp_server
     result = invoke("doctor", env={"POLLER_DATABASE_URL": app_db, "POLLER_MAIL_URL": smtp_server.url})
 
     checks = doctor_lines(result.stdout)
-    assert checks["points index"].startswith("warn users.points has no index")
-    assert "CREATE INDEX users_points_idx ON users (points)" in checks["points index"]
+    assert checks["points index"].startswith("warn Table 'users' has no index on 'points'")
+    assert "CREATE INDEX ix_users_points ON users (points);" in checks["points index"]
 
 
 def test_doctor_finds_points_index(invoke: Any, app_db: str, smtp_server: SMTPServer) -> None:
@@ -59,7 +59,7 @@ def test_doctor_finds_points_index(invoke: Any, app_db: str, smtp_server: SMTPSe
 
     result = invoke("doctor", env={"POLLER_DATABASE_URL": app_db, "POLLER_MAIL_URL": smtp_server.url})
 
-    assert doctor_lines(result.stdout)["points index"] == "ok index 'users_by_points' covers users.points"
+    assert doctor_lines(result.stdout)["points index"] == "ok users.points is indexed"
 
 
 def test_doctor_fails_on_unmigrated_database(invoke: Any, database_url: str, smtp_server: SMTPServer) -> None:
