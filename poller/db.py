@@ -84,6 +84,11 @@ def database_errors(url: str, action: str) -> Iterator[None]:
         raise DatabaseError(f"Database error while {action} at {redact_url(url)}: {describe_error(exc, url)}") from None
 
 
+def sqlite_journal_mode(connection: sa.Connection) -> str:
+    """Return SQLite's journal mode in lower case, such as "wal" or "delete"."""
+    return str(connection.exec_driver_sql("PRAGMA journal_mode").scalar()).lower()
+
+
 def check_migrated(connection: sa.Connection) -> None:
     """Raise DatabaseError unless sent_notifications exists at the latest revision."""
     inspector = sa.inspect(connection)

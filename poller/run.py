@@ -7,6 +7,7 @@ that stops early releases the claims it did not attempt.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -129,20 +130,31 @@ class Run:
         self.envelope_sender = envelope_sender(self.sender)
         self.make_backend: BackendFactory = backend_factory(settings, stdout)
         self.engine = db.create_engine(settings.database_url)
-        self.backends: list[Backend] = []
-        self.local = threading.local()
+        # Per worker slot: slot N's SMTP backend and, on SQLite in WAL mode,
+        # its mark connection. Only worker N touches slot N.
+        self.backends: dict[int, Backend] = {}
         self.lease_lock = threading.Lock()
         self.last_refresh = clock()
         self.stop = threading.Event()
         self.fatal: PollerError | None = None
         self.claimed_count = 0
 
+        self.mark_connections: dict[int, sa.Connection] = {}
         with db.database_errors(settings.database_url, "connecting"), self.engine.connect() as connection:
             db.check_migrated(connection)
             self.users = db.reflect_users(connection, settings)
+            self.fast_marks = connection.dialect.name == "sqlite" and db.sqlite_journal_mode(connection) == "wal"
 
     def close(self) -> None:
-        for backend in self.backends:
+        for connection in self.mark_connections.values():
+            # The pool hands this connection out again, so restore the
+            # default before returning it: claims must sync fully.
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                connection.exec_driver_sql("PRAGMA synchronous=FULL")
+                connection.commit()
+            connection.close()
+        self.mark_connections.clear()
+        for backend in self.backends.values():
             backend.close()
         self.backends.clear()
         self.engine.dispose()
@@ -281,46 +293,65 @@ class Run:
     def connect_first(self) -> None:
         """Open the first mail connection before claiming, so a dead server claims nothing."""
         if not self.backends:
-            self.backend()
+            self.backend(0)
 
-    def backend(self) -> Backend:
-        backend = getattr(self.local, "backend", None)
+    def mark_connection(self, slot: int) -> sa.Engine | sa.Connection:
+        """Return what worker `slot` records sent marks through.
+
+        On SQLite in WAL mode that is a connection kept open for the run with
+        PRAGMA synchronous=NORMAL: each mark is committed without waiting for
+        the disk, which is most of a mark's cost. A crash of poller loses no
+        committed mark; a power failure can lose the last ones, and those
+        messages are then sent again with the same Message-ID, because their
+        claims were committed with a full sync. Other databases mark through
+        the engine's pool.
+        """
+        if not self.fast_marks:
+            return self.engine
+        connection = self.mark_connections.get(slot)
+        if connection is None:
+            connection = self.engine.connect()
+            connection.exec_driver_sql("PRAGMA synchronous=NORMAL")
+            connection.commit()
+            self.mark_connections[slot] = connection
+        return connection
+
+    def backend(self, slot: int) -> Backend:
+        """Return worker `slot`'s mail backend, connecting it on first use."""
+        backend = self.backends.get(slot)
         if backend is None:
             backend = self.make_backend()
             connect = getattr(backend, "connect", None)
             if connect is not None:
                 connect()
-            self.local.backend = backend
-            self.backends.append(backend)
+            self.backends[slot] = backend
         return backend
 
     def deliver(self, claims: Sequence[store.Claim]) -> None:
-        """Send each claim over one or more connections; raise the first fatal error."""
-        queue = iter(claims)
-        queue_lock = threading.Lock()
+        """Send each claim over up to --smtp-connections connections; raise the first fatal error.
+
+        Each worker slot keeps its SMTP connection (and, on SQLite, its mark
+        connection) from batch to batch, so a run never holds more than
+        --smtp-connections connections to the mail server.
+        """
+        claim_iterator = iter(claims)
+        iterator_lock = threading.Lock()
 
         def next_claim() -> store.Claim | None:
-            with queue_lock:
-                return None if self.stop.is_set() else next(queue, None)
+            with iterator_lock:
+                return None if self.stop.is_set() else next(claim_iterator, None)
 
-        def worker() -> None:
-            try:
-                while (claim := next_claim()) is not None:
-                    self.send_one(claim)
-            except PollerError as exc:
-                self.fail(exc)
-            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-                self.fail(
-                    DatabaseError(
-                        f"Database error while recording a delivery: {db.describe_error(exc, self.settings.database_url)}"
-                    )
-                )
+        def worker(slot: int) -> None:
+            while (claim := next_claim()) is not None:
+                self.send_guarded(claim, slot)
 
         workers = min(self.settings.smtp_connections, len(claims))
         if workers <= 1:
-            worker()
+            worker(0)
         else:
-            threads = [threading.Thread(target=worker, name=f"poller-smtp-{n}") for n in range(workers)]
+            threads = [
+                threading.Thread(target=worker, args=(slot,), name=f"poller-smtp-{slot}") for slot in range(workers)
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -328,6 +359,19 @@ class Run:
 
         if self.fatal is not None:
             raise self.fatal
+
+    def send_guarded(self, claim: store.Claim, slot: int) -> None:
+        """Send one claim; record an error that ends the run in self.fatal."""
+        try:
+            self.send_one(claim, slot)
+        except PollerError as exc:
+            self.fail(exc)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            self.fail(
+                DatabaseError(
+                    f"Database error while recording a delivery: {db.describe_error(exc, self.settings.database_url)}"
+                )
+            )
 
     def fail(self, error: PollerError) -> None:
         with self.lease_lock:
@@ -342,18 +386,18 @@ class Run:
                 store.refresh_claims(self.engine, self.token, now)
                 self.last_refresh = now
 
-    def send_one(self, claim: store.Claim) -> None:
+    def send_one(self, claim: store.Claim, slot: int) -> None:
         self.keep_lease()
         recipient = claim.recipient
         message = build_message(
             recipient, claim.rule, sender=self.sender, message_id=claim.message_id, now=aware(self.clock())
         )
 
-        outcome = self.backend().send(message, self.envelope_sender, recipient.email)
+        outcome = self.backend(slot).send(message, self.envelope_sender, recipient.email)
 
         now = self.clock()
         if outcome.status is Status.ACCEPTED:
-            store.mark_sent(self.engine, claim, now)
+            store.mark_sent(self.mark_connection(slot), claim, now)
             self.result.add("sent")
             log.debug("Sent %s to user %s (rule %s)", claim.message_id, recipient.user_id, claim.rule.name)
         elif outcome.status is Status.PERMANENT:

@@ -313,8 +313,12 @@ def fetch_users_by_id(connection: sa.Connection, users: UsersTable, user_ids: Se
     return {str(row[0]): Candidate(row[0], str(row[0]), row[1], row[2], row[3]) for row in rows}
 
 
-def mark_sent(engine: sa.Engine, claim: Claim, now: datetime) -> bool:
-    """Record that the server accepted the message; return False if the claim was lost."""
+def mark_sent(bind: sa.Engine | sa.Connection, claim: Claim, now: datetime) -> bool:
+    """Record that the server accepted the message; return False if the claim was lost.
+
+    `bind` may be a connection that the caller keeps open for its marks; the
+    mark is committed before this returns either way.
+    """
     values = {
         "status": "sent",
         "sent_at": now,
@@ -324,7 +328,7 @@ def mark_sent(engine: sa.Engine, claim: Claim, now: datetime) -> bool:
         "last_error": None,
         "next_attempt_at": None,
     }
-    return _update_claimed(engine, claim, values)
+    return _update_claimed(bind, claim, values)
 
 
 def mark_failed(engine: sa.Engine, claim: Claim, error: str, *, attempted: bool = True) -> bool:
@@ -403,11 +407,16 @@ def _claimed_update(columns: tuple[str, ...]) -> sa.Update:
     )
 
 
-def _update_claimed(engine: sa.Engine, claim: Claim, values: dict[str, Any]) -> bool:
+def _update_claimed(bind: sa.Engine | sa.Connection, claim: Claim, values: dict[str, Any]) -> bool:
     parameters = {f"new_{column}": value for column, value in values.items()}
     parameters.update(claimed_row_id=claim.row_id, claimed_token=claim.token)
-    with engine.begin() as connection:
-        result = connection.execute(_claimed_update(tuple(values)), parameters)
+    statement = _claimed_update(tuple(values))
+    if isinstance(bind, sa.Connection):
+        with bind.begin():
+            result = bind.execute(statement, parameters)
+    else:
+        with bind.begin() as connection:
+            result = connection.execute(statement, parameters)
     if result.rowcount == 1:
         return True
     log.warning(
