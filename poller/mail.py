@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 # run gives up on the server.
 MAX_RECONNECTS = 3
 
+# How many messages in a row may go unconfirmed after DATA (a timeout
+# waiting for the server's reply) before the run stops: each one costs a
+# full --smtp-timeout.
+MAX_DATA_TIMEOUTS = 2
+
 
 class Status(enum.Enum):
     ACCEPTED = "accepted"
@@ -76,6 +81,11 @@ def envelope_sender(sender: str) -> str:
     return address
 
 
+def _is_timeout(exc: BaseException) -> bool:
+    # smtplib turns a read that timed out into SMTPServerDisconnected.
+    return isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError)
+
+
 class _Reconnect(Exception):
     """The connection dropped before the message's data was sent, so resending is safe."""
 
@@ -95,6 +105,7 @@ class SMTPBackend:
         self.ca_file = ca_file
         self.smtp: smtplib.SMTP | None = None
         self.gave_up_on_previous = False  # the last message ran out of reconnects
+        self.data_timeouts = 0  # consecutive messages whose DATA reply timed out
         self.where = f"{url.host}:{url.port}"
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -245,6 +256,14 @@ class SMTPBackend:
                 self._reset(smtp)
                 return classify(code, reply)
         except (smtplib.SMTPServerDisconnected, ConnectionError, TimeoutError) as exc:
+            if _is_timeout(exc):
+                # A server that stops answering is stalled, not gone:
+                # reconnecting would only wait out the timeout again.
+                self._drop()
+                raise MailError(
+                    f"The mail server at {self.where} did not answer within {self.timeout:g} s before DATA; "
+                    "stopping the run. Check the server, or raise --smtp-timeout."
+                ) from None
             raise _Reconnect(f"connection dropped before DATA: {exc or type(exc).__name__}") from None
 
         try:
@@ -257,7 +276,15 @@ class SMTPBackend:
             # The server may or may not have accepted the message: a later run
             # resends it with the same Message-ID.
             self._drop()
+            if _is_timeout(exc):
+                self.data_timeouts += 1
+                if self.data_timeouts >= MAX_DATA_TIMEOUTS:
+                    raise MailError(
+                        f"The mail server at {self.where} did not confirm {self.data_timeouts} messages in a row "
+                        f"within {self.timeout:g} s after DATA; stopping the run. Check the server, or raise --smtp-timeout."
+                    ) from None
             return Outcome(Status.TRANSIENT, f"connection lost during DATA: {exc or type(exc).__name__}")
+        self.data_timeouts = 0
         if code == 250:
             return ACCEPTED
         if code == 421:

@@ -131,10 +131,13 @@ class ScriptedSMTP:
 
     `drop` is called with (event, connection number) for each event
     ("greeting", "mail", "rcpt:<address>", "data-end", "quit") and returns
-    True to close the socket instead of replying.
+    True to close the socket instead of replying. `stall` is called the same
+    way for "mail" and "data-end" and returns True to go silent instead,
+    keeping the connection open until the client leaves.
     """
 
     drop: Callable[[str, int], bool] = lambda event, connection: False
+    stall: Callable[[str, int], bool] = lambda event, connection: False
     port: int = 0
     accepted: list[str] = field(default_factory=list)  # recipients of messages answered with 250
     connections: int = 0
@@ -178,6 +181,9 @@ class ScriptedSMTP:
                 if verb == "EHLO":
                     reply = b"250-scripted\r\n250 8BITMIME\r\n"
                 elif verb == "MAIL":
+                    if self.stall("mail", number):
+                        stream.read()
+                        return
                     if self.drop("mail", number):
                         return
                     reply = b"250 OK\r\n"
@@ -191,6 +197,9 @@ class ScriptedSMTP:
                     stream.flush()
                     while stream.readline() not in (b".\r\n", b""):
                         pass
+                    if self.stall("data-end", number):
+                        stream.read()
+                        return
                     if self.drop("data-end", number):
                         return
                     with self.lock:
@@ -288,6 +297,38 @@ def test_server_that_never_greets_times_out(invoke: Any, app_db: str, scripted: 
     assert "Timed out after 1 s" in result.stderr
     assert "--smtp-timeout" in result.stderr
     assert rows_by_user(app_db) == {}
+
+
+def test_server_stalling_before_data_stops_run(invoke: Any, app_db: str, scripted: ScriptedSMTP) -> None:
+    # A silent server is not reconnected to: each attempt would cost a full timeout.
+    scripted.stall = lambda event, connection: event == "mail"
+
+    result = invoke(*run_args(app_db, scripted.url, "--smtp-timeout", "1"))
+
+    assert result.exit_code == 1
+    assert "did not answer within 1 s before DATA" in result.stderr
+    assert scripted.connections == 1
+    rows = rows_by_user(app_db)
+    assert all(row["status"] == "pending" for row in rows.values())
+    assert all(row["claim_token"] is None for row in rows.values())
+    assert all(row["attempts"] == 0 for row in rows.values())
+
+
+def test_server_stalling_after_data_stops_run(invoke: Any, app_db: str, scripted: ScriptedSMTP) -> None:
+    # Every DATA goes unanswered: the first message is deferred, and the
+    # second timeout in a row ends the run instead of costing one timeout
+    # per due user.
+    scripted.stall = lambda event, connection: event == "data-end"
+
+    result = invoke(*run_args(app_db, scripted.url, "--smtp-timeout", "1"))
+
+    assert result.exit_code == 1
+    assert "did not confirm 2 messages in a row" in result.stderr
+    assert scripted.connections == 2
+    rows = rows_by_user(app_db)
+    assert sent_emails(app_db) == []
+    assert sorted(row["attempts"] for row in rows.values()) == [0, 0, 1]
+    assert all(row["claim_token"] is None for row in rows.values())
 
 
 # Setup faults: TLS mode, certificates, STARTTLS, credentials ---------------
