@@ -57,6 +57,7 @@ class RunResult:
     deferred: int = 0  # transient error: a later run retries
     skipped: int = 0  # invalid rows, logged with the user id
     claimed_elsewhere: int = 0  # another run claimed them between our SELECT and INSERT
+    waiting_retry: int = 0  # deferred earlier, not due again until their next_attempt_at
     dry_run: bool = False
     duration_seconds: float = 0.0
     previews: list[Preview] = dataclasses.field(default_factory=list)
@@ -78,6 +79,7 @@ class RunResult:
             "deferred": self.deferred,
             "skipped": self.skipped,
             "claimed_elsewhere": self.claimed_elsewhere,
+            "waiting_retry": self.waiting_retry,
             "dry_run": self.dry_run,
             "duration_seconds": round(self.duration_seconds, 3),
         }
@@ -91,8 +93,8 @@ class RunResult:
         count = len(self.previews) if self.dry_run else self.sent
         return (
             f"{prefix}{self.eligible} eligible, {verb} {count}, failed {self.failed}, "
-            f"deferred {self.deferred}, skipped {self.skipped}, claimed by another run {self.claimed_elsewhere} "
-            f"in {self.duration_seconds:.2f} s"
+            f"deferred {self.deferred}, skipped {self.skipped}, claimed by another run {self.claimed_elsewhere}, "
+            f"waiting for a retry {self.waiting_retry} in {self.duration_seconds:.2f} s"
         )
 
 
@@ -219,7 +221,15 @@ class Run:
         finally:
             self.result.duration_seconds = time.monotonic() - started
             self.release_claims()
+            self.count_waiting(rules)
         return self.result
+
+    def count_waiting(self, rules: Sequence[Rule]) -> None:
+        """Count the notifications deferred by earlier runs, which this run could not retry yet."""
+        try:
+            self.result.waiting_retry = store.count_waiting(self.engine, rules, self.clock())
+        except sa.exc.SQLAlchemyError as exc:
+            log.debug("Could not count notifications waiting for a retry: %s", exc)
 
     def release_claims(self) -> None:
         """Give back every claim still held, so the next run retries them at once.
@@ -403,7 +413,14 @@ class Run:
         elif outcome.status is Status.PERMANENT:
             store.mark_failed(self.engine, claim, outcome.reply)
             self.result.add("failed")
-            log.error("Mail server refused user %s (rule %s): %s", recipient.user_id, claim.rule.name, outcome.reply)
+            log.error(
+                "Mail server refused user %s (rule %s): %s. Once the address is fixed, "
+                "`poller retry --failed --user %s` makes the notification due again.",
+                recipient.user_id,
+                claim.rule.name,
+                outcome.reply,
+                recipient.user_id,
+            )
         else:
             status = store.mark_transient(
                 self.engine,
@@ -483,6 +500,7 @@ def dry_run(
                 if not preview.subject:  # a retry: its subject is rendered only here
                     preview = dataclasses.replace(preview, subject=str(message["Subject"]))
                 result.previews.append(preview)
+        result.waiting_retry = store.count_waiting(engine, rules, clock())
     finally:
         engine.dispose()
     result.duration_seconds = time.monotonic() - started
@@ -509,13 +527,17 @@ class _DryRun:
             ).all()
             current = store.fetch_users_by_id(connection, self.users, [row.user_id for row in rows])
         for row in rows:
+            # The same re-read as a real retry: the user's current address
+            # and name, falling back to the stored address for a user who
+            # is gone (the run would mark that one failed).
             candidate = current.get(row.user_id)
-            name = ""
+            email, name = row.email, ""
             if candidate is not None:
-                checked = store.validate(candidate, rule)
-                name = checked.name if isinstance(checked, Recipient) else ""
+                checked = store.validate(candidate, rule, check_points=False)
+                if isinstance(checked, Recipient):
+                    email, name = checked.email, checked.name
             self.result.eligible += 1
-            yield Preview(rule.name, row.user_id, row.email, name, "", True)
+            yield Preview(rule.name, row.user_id, email, name, "", True)
 
         for batch in store.iter_due_users(self.engine, self.users, rule, self.settings.batch_size):
             for candidate in batch:

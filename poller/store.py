@@ -374,6 +374,22 @@ def mark_transient(
     return "pending"
 
 
+def count_waiting(engine: sa.Engine, rules: Sequence[Rule], now: datetime) -> int:
+    """Count the released pending rows of these rules whose next attempt is still in the future."""
+    query = (
+        sa.select(sa.func.count())
+        .select_from(sn)
+        .where(
+            sn.c.rule.in_([rule.name for rule in rules]),
+            sn.c.status == "pending",
+            sn.c.claim_token.is_(None),
+            sn.c.next_attempt_at > now,
+        )
+    )
+    with engine.connect() as connection:
+        return int(connection.execute(query).scalar_one())
+
+
 def release(engine: sa.Engine, token: str) -> int:
     """Give back every pending claim of this token; return how many."""
     with engine.begin() as connection:

@@ -251,3 +251,46 @@ def test_thousands_of_users_each_get_one(invoke: Any, sqlite_url: str, smtp_serv
     assert sorted(smtp_server.sink.recipients()) == expected
     assert json.loads(first.stdout)["sent"] == len(expected)
     assert json.loads(second.stdout)["sent"] == 0
+
+
+def test_refusal_log_names_retry_command(invoke: Any, app_db: str, smtp_server: SMTPServer) -> None:
+    smtp_server.sink.rcpt_replies["cy@example.com"] = "550 5.1.1 No such mailbox"
+
+    result = invoke(*run_args(app_db, smtp_server))
+
+    assert result.exit_code == 1
+    assert "`poller retry --failed --user 3`" in result.stderr
+
+
+def test_deferred_user_counted_while_waiting(invoke: Any, app_db: str, smtp_server: SMTPServer) -> None:
+    smtp_server.sink.rcpt_replies["cy@example.com"] = "451 4.3.0 Try again later"
+    first = invoke(*run_args(app_db, smtp_server, "--json"))
+    del smtp_server.sink.rcpt_replies["cy@example.com"]
+
+    second = invoke(*run_args(app_db, smtp_server, "--json"))
+
+    assert first.exit_code == 1
+    assert json.loads(first.stdout)["deferred"] == 1
+    assert second.exit_code == 0
+    counts = json.loads(second.stdout)
+    assert counts["sent"] == 0
+    assert counts["waiting_retry"] == 1
+    assert "waiting for a retry 1" in second.stderr
+
+
+def test_dry_run_shows_retry_at_current_address(invoke: Any, app_db: str, smtp_server: SMTPServer) -> None:
+    smtp_server.sink.rcpt_replies["cy@example.com"] = "550 5.1.1 No such mailbox"
+    invoke(*run_args(app_db, smtp_server))
+    engine = sa.create_engine(app_db)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE users SET email = 'cy.new@example.com' WHERE id = 3")
+    engine.dispose()
+    retried = invoke("retry", "--failed", "--database-url", app_db)
+
+    preview = invoke(*run_args(app_db, smtp_server, "--dry-run", "--json"))
+
+    assert retried.exit_code == 0
+    would_send = json.loads(preview.stdout)["would_send"]
+    assert [(item["user_id"], item["email"], item["retry"]) for item in would_send] == [
+        ("3", "cy.new@example.com", True)
+    ]
