@@ -8,7 +8,7 @@ import string
 import unicodedata
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
-from email import policy
+from email import headerregistry, policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses, make_msgid
@@ -25,6 +25,31 @@ MAX_ADDRESS_LENGTH = 254  # RFC 5321's limit on a forward path, less the bracket
 # address literals, which legitimate users' addresses practically never use.
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+class _CachedHeaderRegistry(headerregistry.HeaderRegistry):
+    """A HeaderRegistry that builds each header class once.
+
+    The standard registry creates a new class with type() on every lookup,
+    about 20 times per message, which was the largest single cost of
+    building one (CPython 3.11).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type[headerregistry.BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[headerregistry.BaseHeader]:
+        key = name.lower()
+        header_class = self._classes.get(key)
+        if header_class is None:
+            header_class = super().__getitem__(name)
+            self._classes[key] = header_class
+        return header_class
+
+
+# policy.SMTP (CRLF line ends, RFC 2047 for non-ASCII headers) with the cached registry.
+MESSAGE_POLICY = policy.SMTP.clone(header_factory=_CachedHeaderRegistry())
 
 
 class InvalidRow(ValueError):
@@ -162,7 +187,7 @@ def build_message(
     subject = " ".join(string.Template(rule.subject).substitute(fields).split())
     body = string.Template(rule.body).substitute(fields)
 
-    message = EmailMessage(policy=policy.SMTP)
+    message = EmailMessage(policy=MESSAGE_POLICY)
     message["From"] = sender
     message["To"] = Address(display_name=recipient.name, addr_spec=recipient.email)
     message["Subject"] = subject
