@@ -1,4 +1,4 @@
-"""Email each user whose points reach a threshold, exactly once."""
+"""Email each user whose points reach a threshold, once."""
 
 import logging
 

@@ -116,7 +116,7 @@ def build_settings(params: dict[str, Any]) -> Settings:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="poller")
 def cli() -> None:
-    """Email each user whose points reach a threshold, exactly once.
+    """Email each user whose points reach a threshold, once.
 
     Configure with options, POLLER_* environment variables or a TOML file
     (--config); run `poller db upgrade` once, then schedule `poller run`.

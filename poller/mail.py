@@ -227,8 +227,8 @@ class SMTPBackend:
                     )
                     continue
                 # One message that keeps failing is deferred, so that a fault
-                # tied to one recipient does not hold up the others; two such
-                # messages in a row point at the server, and stop the run.
+                # tied to one recipient does not hold up the others. Two such
+                # messages in a row point at the server, so they stop the run.
                 if self.gave_up_on_previous:
                     raise MailError(
                         f"The mail server at {self.where} dropped the connection {reconnects} times in a row "
@@ -241,7 +241,8 @@ class SMTPBackend:
 
     def _transaction(self, smtp: smtplib.SMTP, data: bytes, sender: str, recipient: str) -> Outcome:
         # Each step is sent on its own so that a dropped connection before
-        # DATA (safe to resend) can be told from one during DATA (ambiguous).
+        # DATA (safe to resend) can be distinguished from one during DATA
+        # (the message may have been accepted).
         try:
             code, reply = smtp.mail(sender)
             if code == 421:
@@ -257,11 +258,11 @@ class SMTPBackend:
                 return classify(code, reply)
         except (smtplib.SMTPServerDisconnected, ConnectionError, TimeoutError) as exc:
             if _is_timeout(exc):
-                # A server that stops answering is stalled, not gone:
+                # A server that stops responding is stalled, not gone, so
                 # reconnecting would only wait out the timeout again.
                 self._drop()
                 raise MailError(
-                    f"The mail server at {self.where} did not answer within {self.timeout:g} s before DATA; "
+                    f"The mail server at {self.where} did not respond within {self.timeout:g} s before DATA; "
                     "stopping the run. Check the server, or raise --smtp-timeout."
                 ) from None
             raise _Reconnect(f"connection dropped before DATA: {exc or type(exc).__name__}") from None

@@ -311,9 +311,9 @@ class Run:
         On SQLite in WAL mode that is a connection kept open for the run with
         PRAGMA synchronous=NORMAL: each mark is committed without waiting for
         the disk, which is most of a mark's cost. A crash of poller loses no
-        committed mark; a power failure can lose the last ones, and those
-        messages are then sent again with the same Message-ID, because their
-        claims were committed with a full sync. Other databases mark through
+        committed mark. A power failure can lose the last ones, and those
+        messages are then sent again with their stored Message-ID, because
+        their claims were committed with a full sync. Other databases mark through
         the engine's pool.
         """
         if not self.fast_marks:
@@ -341,8 +341,8 @@ class Run:
         """Send each claim over up to --smtp-connections connections; raise the first fatal error.
 
         Each worker slot keeps its SMTP connection (and, on SQLite, its mark
-        connection) from batch to batch, so a run never holds more than
-        --smtp-connections connections to the mail server.
+        connection) from batch to batch, so a run never has more than
+        --smtp-connections connections open to the mail server.
         """
         claim_iterator = iter(claims)
         iterator_lock = threading.Lock()

@@ -72,7 +72,7 @@ def due_condition(users: UsersTable, rule: Rule) -> sa.ColumnElement[bool]:
 
 
 def not_notified(users: UsersTable, rule: Rule) -> sa.ColumnElement[bool]:
-    """The anti-join: no sent_notifications row for this rule and user."""
+    """Build the anti-join condition: no sent_notifications row for this rule and user."""
     return ~sa.exists().where(sn.c.rule == rule.name, sn.c.user_id == sa.cast(users.id, sa.String))
 
 
@@ -166,7 +166,7 @@ def _with_retries(engine: sa.Engine, work: Any) -> Any:
     """Run `work(connection)` in a transaction, retrying a lost deadlock.
 
     PostgreSQL and MariaDB may abort one of several concurrent claims with a
-    deadlock or serialization error; the aborted claim wrote nothing, so it
+    deadlock or serialization error. The aborted claim wrote nothing, so it
     is safe to repeat. SQLite waits on its busy timeout instead.
     """
     for attempt in range(1, CLAIM_ATTEMPTS + 1):
@@ -247,7 +247,11 @@ def claim_new(
 
 
 def retryable_condition(rule: Rule, now: datetime, lease: float) -> sa.ColumnElement[bool]:
-    """Pending rows that nobody owns: released after a transient error, or left by a crashed run."""
+    """Build the condition for pending rows that no run owns.
+
+    Those are rows released after a transient error, and rows whose claim
+    outlived --lease because its run crashed.
+    """
     expired = now - timedelta(seconds=lease)
     return sa.and_(
         sn.c.rule == rule.name,

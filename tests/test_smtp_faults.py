@@ -306,7 +306,7 @@ def test_server_stalling_before_data_stops_run(invoke: Any, app_db: str, scripte
     result = invoke(*run_args(app_db, scripted.url, "--smtp-timeout", "1"))
 
     assert result.exit_code == 1
-    assert "did not answer within 1 s before DATA" in result.stderr
+    assert "did not respond within 1 s before DATA" in result.stderr
     assert scripted.connections == 1
     rows = rows_by_user(app_db)
     assert all(row["status"] == "pending" for row in rows.values())
