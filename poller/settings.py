@@ -91,6 +91,13 @@ def _optional_identifier(name: str, value: Any) -> str | None:
     return _text(name, value).strip() or None
 
 
+# The largest threshold poller accepts. The threshold is bound into SQL as an
+# integer or a float: drivers reject integers beyond 64 bits (SQLite raises
+# OverflowError), and below 2**53 a float represents every whole number exactly.
+MAX_THRESHOLD = Decimal(10**15)
+THRESHOLD_RANGE = f"a number greater than 0 and at most {MAX_THRESHOLD:f}"
+
+
 def _number(_name: str, value: Any) -> Decimal:
     if isinstance(value, bool):
         raise _Invalid(f"{value!r} is not a number")
@@ -100,6 +107,13 @@ def _number(_name: str, value: Any) -> Decimal:
         raise _Invalid(f"{value!r} is not a number") from None
     if not number.is_finite():
         raise _Invalid(f"{value!r} is not a finite number")
+    return number
+
+
+def _threshold(name: str, value: Any) -> Decimal:
+    number = _number(name, value)
+    if not 0 < number <= MAX_THRESHOLD:
+        raise _Invalid(f"the threshold must be {THRESHOLD_RANGE}")
     return number
 
 
@@ -213,7 +227,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "smtp_connections", 1, "SMTP connections used in parallel by one run.", _positive_int, "--smtp-connections"
     ),
-    Setting("threshold", Decimal(100), "Points a user must reach to be notified.", _number, "--threshold"),
+    Setting("threshold", Decimal(100), "Points a user must reach to be notified.", _threshold, "--threshold"),
     Setting(
         "users_table",
         "users",
@@ -551,13 +565,16 @@ def _load_rules(raw_rules: Any, values: dict[str, Any], html_body: str | None, p
             raise ConfigError(f"Rule {index} in {where} has unknown key {unknown[0]!r}.")
         try:
             name = _identifier("name", raw.get("name", ""))
-            threshold = _number("threshold", raw["threshold"]) if "threshold" in raw else None
             subject = _template("subject", raw.get("subject", values["subject"]))
             body = _template("body", raw.get("body", values["body"]))
         except _Invalid as exc:
             raise ConfigError(f"Rule {index} in {where}: {exc}.") from None
-        if threshold is None:
+        if "threshold" not in raw:
             raise ConfigError(f"Rule {name!r} in {where} has no threshold. Add threshold = 100 (or another number).")
+        try:
+            threshold = _threshold("threshold", raw["threshold"])
+        except _Invalid as exc:
+            raise ConfigError(f"Invalid threshold {raw['threshold']!r} in rule {name!r} in {where}: {exc}.") from None
         if len(name) > 100:
             raise ConfigError(f"Rule name {name[:20]!r}... in {where} is longer than 100 characters.")
         if any(rule.name == name for rule in rules):
