@@ -30,7 +30,8 @@ Exit codes:
   0   everything due was sent, or nothing was due
   1   a notification failed or was deferred, or the run could not
       finish (database or mail server unreachable)
-  2   invalid usage or configuration
+  2   invalid usage or configuration, including a users table or
+      column that does not exist
   75  another run holds the lock file
 """
 

@@ -131,14 +131,14 @@ class UsersTable:
 def reflect_users(connection: sa.Connection, settings: Settings) -> UsersTable:
     """Reflect the configured users table or view, read-only.
 
-    Raises DatabaseError naming the missing table or column and the option
-    that sets it.
+    Raises ConfigError (exit 2) naming the missing table or column and the
+    option that sets it, because the fix is a setting, not the database.
     """
     schema, _, name = settings.users_table.rpartition(".")
     try:
         table = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=connection)
     except sa.exc.NoSuchTableError:
-        raise DatabaseError(
+        raise ConfigError(
             f"Table or view {settings.users_table!r} not found in the database. "
             "Set --users-table (POLLER_USERS_TABLE) to the table that holds the users."
         ) from None
@@ -147,7 +147,7 @@ def reflect_users(connection: sa.Connection, settings: Settings) -> UsersTable:
         wanted = settings.values[setting]
         if wanted not in table.c:
             found = ", ".join(table.c.keys())
-            raise DatabaseError(
+            raise ConfigError(
                 f"Table {settings.users_table!r} has no column {wanted!r} (its columns: {found}). "
                 f"Set {option} to the right column."
             )
