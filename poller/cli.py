@@ -132,7 +132,12 @@ def cli() -> None:
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Notify at most this many users in this run.")
 @click.option("--rule", "rule_name", default=None, help="Run only the rule of this name.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the counts on stdout.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object with the counts on stdout; on failure it also has error and exit_code.",
+)
 @click.option(
     "--wait-lock",
     type=click.FloatRange(min=0),
@@ -153,7 +158,7 @@ def run(**params: Any) -> None:
     wait_lock = params.pop("wait_lock")
     quiet = bool(params.get("quiet"))
 
-    with errors_to_exit_codes():
+    with errors_to_exit_codes(), _json_on_error(as_json, dry_run=dry_run):
         settings = build_settings(params)
         rules = select_rules(settings, rule_name)
 
@@ -181,8 +186,8 @@ def run(**params: Any) -> None:
                 with bar if bar is not None else contextlib.nullcontext():
                     result = runner.run(settings, rules, stdout=console, limit=limit, progress=bar)
             except runner.RunStopped as stopped:
-                _report(stopped.result, as_json, error=str(stopped))
-                raise stopped.cause from None
+                log.error("%s", stopped.result.summary())
+                raise
             if ping is not None:
                 ping.exit_code = 0 if result.ok else EXIT_FAILURE
                 ping.summary = result.summary()
@@ -196,19 +201,40 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _report(result: Any, as_json: bool, error: str | None = None) -> None:
+@contextlib.contextmanager
+def _json_on_error(as_json: bool, *, dry_run: bool) -> Iterator[None]:
+    """With --json, print the counts, the error and the exit code of a run that failed.
+
+    The counts are those of a run that stopped part way (RunStopped), or
+    zero for one that never started: invalid settings, a busy lock, an
+    unreachable or unmigrated database.
+    """
+    try:
+        yield
+    except PollerError as exc:
+        if as_json:
+            from poller.run import RunResult
+
+            result = getattr(exc, "result", None)
+            if not isinstance(result, RunResult):
+                result = RunResult(dry_run=dry_run)
+            data = result.as_dict()
+            data["error"] = str(exc)
+            data["exit_code"] = exc.exit_code
+            click.echo(json.dumps(data))
+        raise
+
+
+def _report(result: Any, as_json: bool) -> None:
     if as_json:
-        data = result.as_dict()
-        if error is not None:
-            data["error"] = error
-        click.echo(json.dumps(data))
+        click.echo(json.dumps(result.as_dict()))
     if result.dry_run and not as_json:
         for preview in result.previews:
             kind = "retry" if preview.retry else "new"
             click.echo(
                 f"would notify user {preview.user_id} <{preview.email}> ({preview.rule}, {kind}): {preview.subject}"
             )
-    level = logging.ERROR if error or not result.ok else logging.INFO
+    level = logging.INFO if result.ok else logging.ERROR
     log.log(level, "%s", result.summary())
 
 
