@@ -21,7 +21,7 @@ from typing import Any
 
 from poller.errors import ConfigError
 from poller.lock import canonical_database
-from poller.settings import SETTINGS, Setting, Settings, read_config_file
+from poller.settings import SETTINGS, SETTINGS_BY_NAME, Setting, Settings, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,10 @@ def _check_secrets(settings: Settings) -> None:
 
     url_source = settings.sources["database_url"]
     if url_source in ("option", "environment") and _has_password(settings.database_url):
+        url_setting = SETTINGS_BY_NAME["database_url"]
+        given_as = url_setting.flag if url_source == "option" else f"The variable {url_setting.env}"
         raise ConfigError(
-            "--database-url contains a password, and poller does not write passwords into a crontab. "
+            f"{given_as} contains a password, and poller does not write passwords into a crontab. "
             "Put database_url in a config file only the cron user can read (chmod 600) and pass --config, "
             "or use a URL without a password (for PostgreSQL, a ~/.pgpass file)."
         )

@@ -9,6 +9,7 @@ that `poller --help` and `poller cron show` start quickly.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import socket
@@ -467,12 +468,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {exc}.") from None
 
-    known = set(SETTINGS_BY_NAME) | {"rules"}
-    unknown = sorted(set(data) - known)
+    known = [*SETTINGS_BY_NAME, "rules"]
+    unknown = sorted(set(data) - set(known))
     if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"Did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
-            f"Config file {str(path)!r} has unknown key {unknown[0]!r}. "
-            "See docs/configuration.md for the keys poller reads."
+            f"Config file {str(path)!r} has unknown key {key!r}. {hint}"
+            "The valid keys are [[rules]] and the SETTING names that `poller config show` prints; "
+            "docs/configuration.md describes each."
         )
     return data
 

@@ -80,3 +80,25 @@ def test_config_threshold_out_of_range_names_key(tmp_path: Path) -> None:
         load_settings({}, environ={}, config_path=config)
 
     assert "key 'threshold'" in str(raised.value)
+
+
+def test_unknown_config_key_suggests_closest(tmp_path: Path) -> None:
+    config = tmp_path / "poller.toml"
+    config.write_text('databse_url = "sqlite:////tmp/app.db"\n', encoding="utf-8")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, environ={}, config_path=config)
+
+    assert "unknown key 'databse_url'" in str(raised.value)
+    assert "Did you mean 'database_url'?" in str(raised.value)
+    assert "poller config show" in str(raised.value)
+
+
+def test_unknown_config_key_without_close_match(tmp_path: Path) -> None:
+    config = tmp_path / "poller.toml"
+    config.write_text("colour = 3\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, environ={}, config_path=config)
+
+    assert "Did you mean" not in str(raised.value)
