@@ -24,6 +24,9 @@ log = logging.getLogger("poller")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Defaults longer than this show as "(built in)" in --help.
+HELP_DEFAULT_WIDTH = 40
+
 EXIT_CODES_HELP = """
 \b
 Exit codes:
@@ -98,12 +101,31 @@ def settings_options(names: tuple[str, ...] | None = None) -> Callable[[F], F]:
         for setting in reversed(SETTINGS):
             if setting.flag is None or (names is not None and setting.name not in names):
                 continue
-            default = setting.default if setting.default is not None else "none"
-            help_text = f"{setting.help} [env {setting.env}; default: {str(default).splitlines()[0]!s:.40}]"
-            func = click.option(setting.flag, setting.name, default=None, help=help_text, show_default=False)(func)
+            help_text = f"{setting.help} [env {setting.env}; default: {help_default(setting.default)}]"
+            func = click.option(
+                setting.flag,
+                setting.name,
+                default=None,
+                help=help_text,
+                show_default=False,
+                metavar=setting.value_name,
+            )(func)
         return func
 
     return decorate
+
+
+def help_default(default: Any) -> str:
+    """Render a setting's default for --help, as docs/configuration.md shows it."""
+    if default is None:
+        return "none"
+    if isinstance(default, float):
+        return f"{default:g}"
+    text = str(default)
+    # A cut template would look like the real default, so long ones get a placeholder.
+    if "\n" in text or len(text) > HELP_DEFAULT_WIDTH:
+        return "(built in)"
+    return text
 
 
 def build_settings(params: dict[str, Any]) -> Settings:

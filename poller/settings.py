@@ -53,6 +53,7 @@ class Setting:
     parse: Callable[[str, Any], Any]
     option: str | None = None  # None: not settable on the command line
     secret: bool = False
+    metavar: str | None = None  # None: the parser's, from PARSER_METAVARS
 
     @property
     def env(self) -> str:
@@ -63,6 +64,11 @@ class Setting:
         if self.option is None:
             return None
         return self.option
+
+    @property
+    def value_name(self) -> str:
+        """Return the placeholder that --help shows for the option's value, such as SECONDS."""
+        return self.metavar or PARSER_METAVARS.get(self.parse, "TEXT")
 
 
 class _Invalid(ValueError):
@@ -175,6 +181,18 @@ def _mail_url(_name: str, value: Any) -> str:
     return text
 
 
+PARSER_METAVARS: dict[Callable[[str, Any], Any], str] = {
+    _threshold: "NUMBER",
+    _positive_int: "INTEGER",
+    _seconds: "SECONDS",
+    _existing_file: "PATH",
+    _path: "PATH",
+    _url: "URL",
+    _mail_url: "URL",
+    _template: "TEMPLATE",
+}
+
+
 def default_mail_from() -> str:
     # gethostname() does no DNS lookup, unlike getfqdn(), so it cannot hang.
     return f"poller@{socket.gethostname()}"
@@ -187,6 +205,7 @@ SETTINGS: tuple[Setting, ...] = (
         "SQLAlchemy URL of the database that holds the users table.",
         _identifier,
         "--database-url",
+        metavar="URL",
     ),
     Setting(
         "mail_url",
@@ -201,6 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
         "From address, optionally with a display name. Default: poller@ and this host's name.",
         _optional_text,
         "--from",
+        metavar="ADDRESS",
     ),
     Setting(
         "smtp_password",
@@ -235,16 +255,27 @@ SETTINGS: tuple[Setting, ...] = (
         "Table or view that holds the users. Poller only reads it.",
         _identifier,
         "--users-table",
+        metavar="TABLE",
     ),
-    Setting("id_column", "id", "Column with each user's unique id.", _identifier, "--id-column"),
-    Setting("email_column", "email", "Column with each user's email address.", _identifier, "--email-column"),
-    Setting("points_column", "points", "Column with each user's points.", _identifier, "--points-column"),
+    Setting("id_column", "id", "Column with each user's unique id.", _identifier, "--id-column", metavar="COLUMN"),
+    Setting(
+        "email_column",
+        "email",
+        "Column with each user's email address.",
+        _identifier,
+        "--email-column",
+        metavar="COLUMN",
+    ),
+    Setting(
+        "points_column", "points", "Column with each user's points.", _identifier, "--points-column", metavar="COLUMN"
+    ),
     Setting(
         "name_column",
         "name",
         "Column with each user's display name; empty for none.",
         _optional_identifier,
         "--name-column",
+        metavar="COLUMN",
     ),
     Setting(
         "subject",
