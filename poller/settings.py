@@ -314,7 +314,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "lock_file",
         None,
-        "Lock file that keeps runs on this host from overlapping. Default: one per database under $XDG_RUNTIME_DIR or /run/lock.",
+        "Lock file that keeps runs on this host from overlapping. "
+        "Default: one per database under /run/lock, else /var/lock, else $XDG_RUNTIME_DIR.",
         _path,
         "--lock-file",
     ),
