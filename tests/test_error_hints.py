@@ -10,6 +10,7 @@ import pytest
 
 from poller import db
 from poller.errors import ConfigError, DatabaseError
+from poller.message import InvalidRow, normalize_address
 
 
 def test_upgrade_into_missing_directory(invoke: Any, tmp_path: Path) -> None:
@@ -91,3 +92,11 @@ def test_cron_install_names_password_option(invoke: Any, tmp_path: Path) -> None
 
     assert result.exit_code == 2
     assert "--database-url contains a password" in result.stderr
+
+
+@pytest.mark.parametrize("address", ["no-at-sign.example.com", "@example.com", "ada@"])
+def test_address_without_parts_explains_form(address: str) -> None:
+    with pytest.raises(InvalidRow) as raised:
+        normalize_address(address)
+
+    assert str(raised.value) == "email must have a local part, one '@' and a domain"
