@@ -24,13 +24,17 @@ log = logging.getLogger("poller")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Defaults longer than this show as "(built in)" in --help.
+HELP_DEFAULT_WIDTH = 40
+
 EXIT_CODES_HELP = """
 \b
 Exit codes:
   0   everything due was sent, or nothing was due
   1   a notification failed or was deferred, or the run could not
       finish (database or mail server unreachable)
-  2   invalid usage or configuration
+  2   invalid usage or configuration, including a users table or
+      column that does not exist
   75  another run holds the lock file
 """
 
@@ -97,12 +101,31 @@ def settings_options(names: tuple[str, ...] | None = None) -> Callable[[F], F]:
         for setting in reversed(SETTINGS):
             if setting.flag is None or (names is not None and setting.name not in names):
                 continue
-            default = setting.default if setting.default is not None else "none"
-            help_text = f"{setting.help} [env {setting.env}; default: {str(default).splitlines()[0]!s:.40}]"
-            func = click.option(setting.flag, setting.name, default=None, help=help_text, show_default=False)(func)
+            help_text = f"{setting.help} [env {setting.env}; default: {help_default(setting.default)}]"
+            func = click.option(
+                setting.flag,
+                setting.name,
+                default=None,
+                help=help_text,
+                show_default=False,
+                metavar=setting.value_name,
+            )(func)
         return func
 
     return decorate
+
+
+def help_default(default: Any) -> str:
+    """Render a setting's default for --help, as docs/configuration.md shows it."""
+    if default is None:
+        return "none"
+    if isinstance(default, float):
+        return f"{default:g}"
+    text = str(default)
+    # A cut template would look like the real default, so long ones get a placeholder.
+    if "\n" in text or len(text) > HELP_DEFAULT_WIDTH:
+        return "(built in)"
+    return text
 
 
 def build_settings(params: dict[str, Any]) -> Settings:
@@ -131,7 +154,12 @@ def cli() -> None:
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Notify at most this many users in this run.")
 @click.option("--rule", "rule_name", default=None, help="Run only the rule of this name.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the counts on stdout.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object with the counts on stdout; on failure it also has error and exit_code.",
+)
 @click.option(
     "--wait-lock",
     type=click.FloatRange(min=0),
@@ -152,7 +180,7 @@ def run(**params: Any) -> None:
     wait_lock = params.pop("wait_lock")
     quiet = bool(params.get("quiet"))
 
-    with errors_to_exit_codes():
+    with errors_to_exit_codes(), _json_on_error(as_json, dry_run=dry_run):
         settings = build_settings(params)
         rules = select_rules(settings, rule_name)
 
@@ -180,8 +208,8 @@ def run(**params: Any) -> None:
                 with bar if bar is not None else contextlib.nullcontext():
                     result = runner.run(settings, rules, stdout=console, limit=limit, progress=bar)
             except runner.RunStopped as stopped:
-                _report(stopped.result, as_json, error=str(stopped))
-                raise stopped.cause from None
+                log.error("%s", stopped.result.summary())
+                raise
             if ping is not None:
                 ping.exit_code = 0 if result.ok else EXIT_FAILURE
                 ping.summary = result.summary()
@@ -195,19 +223,40 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _report(result: Any, as_json: bool, error: str | None = None) -> None:
+@contextlib.contextmanager
+def _json_on_error(as_json: bool, *, dry_run: bool) -> Iterator[None]:
+    """With --json, print the counts, the error and the exit code of a run that failed.
+
+    The counts are those of a run that stopped part way (RunStopped), or
+    zero for one that never started: invalid settings, a busy lock, an
+    unreachable or unmigrated database.
+    """
+    try:
+        yield
+    except PollerError as exc:
+        if as_json:
+            from poller.run import RunResult
+
+            result = getattr(exc, "result", None)
+            if not isinstance(result, RunResult):
+                result = RunResult(dry_run=dry_run)
+            data = result.as_dict()
+            data["error"] = str(exc)
+            data["exit_code"] = exc.exit_code
+            click.echo(json.dumps(data))
+        raise
+
+
+def _report(result: Any, as_json: bool) -> None:
     if as_json:
-        data = result.as_dict()
-        if error is not None:
-            data["error"] = error
-        click.echo(json.dumps(data))
+        click.echo(json.dumps(result.as_dict()))
     if result.dry_run and not as_json:
         for preview in result.previews:
             kind = "retry" if preview.retry else "new"
             click.echo(
                 f"would notify user {preview.user_id} <{preview.email}> ({preview.rule}, {kind}): {preview.subject}"
             )
-    level = logging.ERROR if error or not result.ok else logging.INFO
+    level = logging.INFO if result.ok else logging.ERROR
     log.log(level, "%s", result.summary())
 
 

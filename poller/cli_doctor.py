@@ -38,6 +38,9 @@ def doctor(**params: Any) -> None:
     else:
         source = f"config file {settings.config_path}" if settings.config_path else "options and environment"
         lines.append(checks.Check(checks.Status.OK, "configuration", f"valid ({source})"))
+        config_file = checks.check_config_file(settings)
+        if config_file is not None:
+            lines.append(config_file)
         lines += list(checks.check_database(settings))
         lines.append(checks.check_mail(settings))
 

@@ -340,7 +340,7 @@ def send_test(**params: Any) -> None:
             )
 
     where = settings.display("mail_url")
-    click.echo(f"Sent a test message ({rule.name}) to {recipient_address} through {where}; it was accepted.", err=True)
+    click.echo(f"Sent a test message ({rule.name}) to {recipient_address} through {where}; it was accepted.")
 
 
 # config show ---------------------------------------------------------------

@@ -204,6 +204,13 @@ def _replace_file(path: Path, text: str) -> None:
         raise CronError(f"Cannot write cron file {str(path)!r}: {exc.strerror or exc}.") from None
 
 
+def remove_crontab(target: Target) -> None:
+    """Delete a user's crontab with `crontab -r`; a crontab that does not exist is no error."""
+    result = _run_crontab(["-r"], target)
+    if result.returncode != 0 and "no crontab for" not in result.stderr:
+        raise CronError(f"Cannot remove the {target.label()}: crontab -r failed: {_one_line(result.stderr)}")
+
+
 def remove_file(path: Path) -> None:
     """Delete a cron file that no longer contains any line."""
     try:
@@ -324,7 +331,12 @@ def apply_change(target: Target, old: str, new: str) -> None:
             f"The {target.label()} changed while poller was preparing its change (someone ran crontab -e?). "
             "Nothing was written; run the command again."
         )
-    if target.file is not None and not new.strip():
-        remove_file(target.file)
+    # An empty crontab is removed, so that removing poller's last line
+    # leaves no crontab where there was none before.
+    if not new.strip():
+        if target.file is not None:
+            remove_file(target.file)
+        else:
+            remove_crontab(target)
         return
     write_crontab(target, new)

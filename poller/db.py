@@ -21,6 +21,20 @@ log = logging.getLogger(__name__)
 # How long SQLite waits for another writer before giving up, in seconds.
 SQLITE_BUSY_TIMEOUT = 30
 
+SUPPORTED_URLS = "sqlite:////PATH, postgresql+psycopg://USER@HOST/DATABASE or mysql+pymysql://USER@HOST/DATABASE"
+
+# How to install each driver module that SQLAlchemy may ask for. Poller is
+# installed from a checkout, so the hints name the drivers' own packages
+# and the checkout's extras rather than a poller package on an index.
+INSTALL_PSYCOPG = "pip install 'psycopg[binary]', or pip install '.[postgresql]' in the poller checkout"
+INSTALL_PYMYSQL = "pip install PyMySQL, or pip install '.[mysql]' in the poller checkout"
+DRIVER_HINTS = {
+    "psycopg": f"Install it with: {INSTALL_PSYCOPG}.",
+    "psycopg2": f"Use postgresql+psycopg:// (psycopg 3) instead, installed with: {INSTALL_PSYCOPG}.",
+    "pymysql": f"Install it with: {INSTALL_PYMYSQL}.",
+    "MySQLdb": f"Use mysql+pymysql:// (PyMySQL) instead, installed with: {INSTALL_PYMYSQL}.",
+}
+
 
 def create_engine(url: str, *, must_exist: bool = True) -> Engine:
     """Create an engine for `url`, raising ConfigError or DatabaseError.
@@ -39,10 +53,19 @@ def create_engine(url: str, *, must_exist: bool = True) -> Engine:
     options: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
-        if must_exist and database not in ("", ":memory:") and not Path(database).exists():
+        in_memory = database in ("", ":memory:")
+        if must_exist and not in_memory and not Path(database).exists():
             raise DatabaseError(
                 f"SQLite database file {database!r} does not exist. Check --database-url; "
                 "an absolute path needs four slashes: sqlite:////var/lib/app.db."
+            )
+        directory = Path(database).parent
+        if not in_memory and not directory.is_dir():
+            # SQLite creates the file but not its directory, and says only
+            # "unable to open database file".
+            raise DatabaseError(
+                f"The directory {str(directory)!r} of SQLite database file {database!r} does not exist. "
+                "Create it, or fix --database-url; an absolute path needs four slashes: sqlite:////var/lib/app.db."
             )
         # A `?timeout=SECONDS` in the URL overrides the default busy timeout.
         if "timeout" not in parsed.query:
@@ -56,11 +79,15 @@ def create_engine(url: str, *, must_exist: bool = True) -> Engine:
     try:
         return sa.create_engine(parsed, **options)
     except ModuleNotFoundError as exc:
-        extra = {"psycopg": "postgresql", "psycopg2": "postgresql", "pymysql": "mysql", "MySQLdb": "mysql"}.get(
-            exc.name or "", ""
-        )
-        hint = f" Install it with: pip install 'poller[{extra}]'." if extra else ""
-        raise ConfigError(f"The driver for {redact_url(url)!r} is not installed ({exc.name}).{hint}") from None
+        hint = DRIVER_HINTS.get(exc.name or "", "")
+        raise ConfigError(
+            f"The driver for {redact_url(url)!r} is not installed ({exc.name}). {hint}".rstrip()
+        ) from None
+    except sa.exc.NoSuchModuleError:
+        raise ConfigError(
+            f"--database-url {redact_url(url)!r} uses the unsupported database type {parsed.drivername!r}. "
+            f"Use one of: {SUPPORTED_URLS}."
+        ) from None
     except sa.exc.ArgumentError as exc:
         raise ConfigError(f"--database-url {redact_url(url)!r} is invalid: {exc}") from None
 
@@ -131,14 +158,14 @@ class UsersTable:
 def reflect_users(connection: sa.Connection, settings: Settings) -> UsersTable:
     """Reflect the configured users table or view, read-only.
 
-    Raises DatabaseError naming the missing table or column and the option
-    that sets it.
+    Raises ConfigError (exit 2) naming the missing table or column and the
+    option that sets it, because the fix is a setting, not the database.
     """
     schema, _, name = settings.users_table.rpartition(".")
     try:
         table = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=connection)
     except sa.exc.NoSuchTableError:
-        raise DatabaseError(
+        raise ConfigError(
             f"Table or view {settings.users_table!r} not found in the database. "
             "Set --users-table (POLLER_USERS_TABLE) to the table that holds the users."
         ) from None
@@ -147,7 +174,7 @@ def reflect_users(connection: sa.Connection, settings: Settings) -> UsersTable:
         wanted = settings.values[setting]
         if wanted not in table.c:
             found = ", ".join(table.c.keys())
-            raise DatabaseError(
+            raise ConfigError(
                 f"Table {settings.users_table!r} has no column {wanted!r} (its columns: {found}). "
                 f"Set {option} to the right column."
             )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from poller import cron, db, indexes
+from poller import cron, db, indexes, run_command
 from poller.errors import PollerError
 from poller.settings import Settings
 
@@ -79,6 +79,16 @@ def _check_points_index(connection: sa.Connection, users: db.UsersTable) -> Chec
     if warning is not None:
         return Check(Status.WARN, "points index", warning)
     return Check(Status.OK, "points index", f"{users.table.fullname}.{users.points.name} is indexed")
+
+
+def check_config_file(settings: Settings) -> Check | None:
+    """Warn, as `cron install` does, when the config file exposes a password to other users."""
+    warning = run_command.exposed_config_password(settings)
+    if warning is not None:
+        return Check(Status.WARN, "config file", warning)
+    if settings.config_path is None:
+        return None
+    return Check(Status.OK, "config file", "contains no password, or other users cannot read it")
 
 
 def check_mail(settings: Settings) -> Check:

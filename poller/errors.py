@@ -24,7 +24,7 @@ class ConfigError(PollerError):
 
 
 class DatabaseError(PollerError):
-    """The database is unreachable, not migrated, or lacks a configured column."""
+    """The database is unreachable or not migrated."""
 
 
 class MailError(PollerError):

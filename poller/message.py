@@ -74,7 +74,7 @@ def normalize_address(raw: Any) -> str:
         raise InvalidRow("email contains white space or control characters")
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
-        raise InvalidRow("email has no local part and domain around one '@'")
+        raise InvalidRow("email must have a local part, one '@' and a domain")
     if not local.isascii():
         raise InvalidRow("email has a non-ASCII local part, which needs SMTPUTF8")
     if not _LOCAL_PART.match(local) or len(local) > 64:

@@ -21,7 +21,7 @@ from typing import Any
 
 from poller.errors import ConfigError
 from poller.lock import canonical_database
-from poller.settings import SETTINGS, Setting, Settings, read_config_file
+from poller.settings import SETTINGS, SETTINGS_BY_NAME, Setting, Settings, read_config_file
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,16 @@ def _render(setting: Setting, settings: Settings) -> str:
     return str(value)
 
 
+def exposed_config_password(settings: Settings) -> str | None:
+    """Return a warning if the config file contains a password and other users may read it, else None."""
+    path = settings.config_path
+    url_in_file = settings.sources["database_url"] == "file" and _has_password(settings.database_url)
+    in_config = settings.sources["smtp_password"] == "file" or url_in_file
+    if not in_config or path is None or not readable_by_others(path):
+        return None
+    return f"Config file {path} contains a password and is readable by other users; run: chmod o-r {shlex.quote(str(path))}"
+
+
 def _check_secrets(settings: Settings) -> None:
     """Raise ConfigError for a secret that only the installing shell has, and warn about readable files."""
     origin = settings.sources["smtp_password"]
@@ -103,19 +113,17 @@ def _check_secrets(settings: Settings) -> None:
 
     url_source = settings.sources["database_url"]
     if url_source in ("option", "environment") and _has_password(settings.database_url):
+        url_setting = SETTINGS_BY_NAME["database_url"]
+        given_as = url_setting.flag if url_source == "option" else f"The variable {url_setting.env}"
         raise ConfigError(
-            "--database-url contains a password, and poller does not write passwords into a crontab. "
+            f"{given_as} contains a password, and poller does not write passwords into a crontab. "
             "Put database_url in a config file only the cron user can read (chmod 600) and pass --config, "
             "or use a URL without a password (for PostgreSQL, a ~/.pgpass file)."
         )
 
-    in_config = origin == "file" or (url_source == "file" and _has_password(settings.database_url))
-    if in_config and settings.config_path and readable_by_others(settings.config_path):
-        log.warning(
-            "Config file %s contains a password and is readable by other users; run: chmod o-r %s",
-            settings.config_path,
-            shlex.quote(str(settings.config_path)),
-        )
+    warning = exposed_config_password(settings)
+    if warning is not None:
+        log.warning("%s", warning)
     password_file = settings.smtp_password_file
     if password_file is not None and readable_by_others(Path(password_file)):
         log.warning(

@@ -9,6 +9,7 @@ that `poller --help` and `poller cron show` start quickly.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import socket
@@ -52,6 +53,7 @@ class Setting:
     parse: Callable[[str, Any], Any]
     option: str | None = None  # None: not settable on the command line
     secret: bool = False
+    metavar: str | None = None  # None: the parser's, from PARSER_METAVARS
 
     @property
     def env(self) -> str:
@@ -62,6 +64,11 @@ class Setting:
         if self.option is None:
             return None
         return self.option
+
+    @property
+    def value_name(self) -> str:
+        """Return the placeholder that --help shows for the option's value, such as SECONDS."""
+        return self.metavar or PARSER_METAVARS.get(self.parse, "TEXT")
 
 
 class _Invalid(ValueError):
@@ -91,6 +98,13 @@ def _optional_identifier(name: str, value: Any) -> str | None:
     return _text(name, value).strip() or None
 
 
+# The largest threshold poller accepts. The threshold is bound into SQL as an
+# integer or a float: drivers reject integers beyond 64 bits (SQLite raises
+# OverflowError), and below 2**53 a float represents every whole number exactly.
+MAX_THRESHOLD = Decimal(10**15)
+THRESHOLD_RANGE = f"a number greater than 0 and at most {MAX_THRESHOLD:f}"
+
+
 def _number(_name: str, value: Any) -> Decimal:
     if isinstance(value, bool):
         raise _Invalid(f"{value!r} is not a number")
@@ -100,6 +114,13 @@ def _number(_name: str, value: Any) -> Decimal:
         raise _Invalid(f"{value!r} is not a number") from None
     if not number.is_finite():
         raise _Invalid(f"{value!r} is not a finite number")
+    return number
+
+
+def _threshold(name: str, value: Any) -> Decimal:
+    number = _number(name, value)
+    if not 0 < number <= MAX_THRESHOLD:
+        raise _Invalid(f"the threshold must be {THRESHOLD_RANGE}")
     return number
 
 
@@ -160,6 +181,18 @@ def _mail_url(_name: str, value: Any) -> str:
     return text
 
 
+PARSER_METAVARS: dict[Callable[[str, Any], Any], str] = {
+    _threshold: "NUMBER",
+    _positive_int: "INTEGER",
+    _seconds: "SECONDS",
+    _existing_file: "PATH",
+    _path: "PATH",
+    _url: "URL",
+    _mail_url: "URL",
+    _template: "TEMPLATE",
+}
+
+
 def default_mail_from() -> str:
     # gethostname() does no DNS lookup, unlike getfqdn(), so it cannot hang.
     return f"poller@{socket.gethostname()}"
@@ -172,6 +205,7 @@ SETTINGS: tuple[Setting, ...] = (
         "SQLAlchemy URL of the database that holds the users table.",
         _identifier,
         "--database-url",
+        metavar="URL",
     ),
     Setting(
         "mail_url",
@@ -186,6 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
         "From address, optionally with a display name. Default: poller@ and this host's name.",
         _optional_text,
         "--from",
+        metavar="ADDRESS",
     ),
     Setting(
         "smtp_password",
@@ -213,23 +248,34 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "smtp_connections", 1, "SMTP connections used in parallel by one run.", _positive_int, "--smtp-connections"
     ),
-    Setting("threshold", Decimal(100), "Points a user must reach to be notified.", _number, "--threshold"),
+    Setting("threshold", Decimal(100), "Points a user must reach to be notified.", _threshold, "--threshold"),
     Setting(
         "users_table",
         "users",
         "Table or view that holds the users. Poller only reads it.",
         _identifier,
         "--users-table",
+        metavar="TABLE",
     ),
-    Setting("id_column", "id", "Column with each user's unique id.", _identifier, "--id-column"),
-    Setting("email_column", "email", "Column with each user's email address.", _identifier, "--email-column"),
-    Setting("points_column", "points", "Column with each user's points.", _identifier, "--points-column"),
+    Setting("id_column", "id", "Column with each user's unique id.", _identifier, "--id-column", metavar="COLUMN"),
+    Setting(
+        "email_column",
+        "email",
+        "Column with each user's email address.",
+        _identifier,
+        "--email-column",
+        metavar="COLUMN",
+    ),
+    Setting(
+        "points_column", "points", "Column with each user's points.", _identifier, "--points-column", metavar="COLUMN"
+    ),
     Setting(
         "name_column",
         "name",
         "Column with each user's display name; empty for none.",
         _optional_identifier,
         "--name-column",
+        metavar="COLUMN",
     ),
     Setting(
         "subject",
@@ -268,7 +314,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "lock_file",
         None,
-        "Lock file that keeps runs on this host from overlapping. Default: one per database under $XDG_RUNTIME_DIR or /run/lock.",
+        "Lock file that keeps runs on this host from overlapping. "
+        "Default: one per database under /run/lock, else /var/lock, else $XDG_RUNTIME_DIR.",
         _path,
         "--lock-file",
     ),
@@ -453,12 +500,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {exc}.") from None
 
-    known = set(SETTINGS_BY_NAME) | {"rules"}
-    unknown = sorted(set(data) - known)
+    known = [*SETTINGS_BY_NAME, "rules"]
+    unknown = sorted(set(data) - set(known))
     if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"Did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
-            f"Config file {str(path)!r} has unknown key {unknown[0]!r}. "
-            "See docs/configuration.md for the keys poller reads."
+            f"Config file {str(path)!r} has unknown key {key!r}. {hint}"
+            "The valid keys are [[rules]] and the SETTING names that `poller config show` prints; "
+            "docs/configuration.md describes each."
         )
     return data
 
@@ -551,13 +602,16 @@ def _load_rules(raw_rules: Any, values: dict[str, Any], html_body: str | None, p
             raise ConfigError(f"Rule {index} in {where} has unknown key {unknown[0]!r}.")
         try:
             name = _identifier("name", raw.get("name", ""))
-            threshold = _number("threshold", raw["threshold"]) if "threshold" in raw else None
             subject = _template("subject", raw.get("subject", values["subject"]))
             body = _template("body", raw.get("body", values["body"]))
         except _Invalid as exc:
             raise ConfigError(f"Rule {index} in {where}: {exc}.") from None
-        if threshold is None:
+        if "threshold" not in raw:
             raise ConfigError(f"Rule {name!r} in {where} has no threshold. Add threshold = 100 (or another number).")
+        try:
+            threshold = _threshold("threshold", raw["threshold"])
+        except _Invalid as exc:
+            raise ConfigError(f"Invalid threshold {raw['threshold']!r} in rule {name!r} in {where}: {exc}.") from None
         if len(name) > 100:
             raise ConfigError(f"Rule name {name[:20]!r}... in {where} is longer than 100 characters.")
         if any(rule.name == name for rule in rules):

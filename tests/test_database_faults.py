@@ -26,13 +26,30 @@ def test_unreachable_database_is_one_line(invoke: Any, smtp_server: SMTPServer) 
     assert smtp_server.sink.received == []
 
 
-def test_missing_column_names_option(invoke: Any, app_db: str, smtp_server: SMTPServer) -> None:
-    result = invoke(*run_args(app_db, smtp_server.url, "--points-column", "score"))
+@pytest.mark.parametrize("option", ["--id-column", "--email-column", "--points-column", "--name-column"])
+def test_missing_column_is_usage_error(invoke: Any, app_db: str, smtp_server: SMTPServer, option: str) -> None:
+    result = invoke(*run_args(app_db, smtp_server.url, option, "score"))
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no column 'score'" in result.stderr
-    assert "--points-column" in result.stderr
+    assert option in result.stderr
     assert smtp_server.sink.received == []
+
+
+def test_missing_users_table_is_usage_error(invoke: Any, app_db: str, smtp_server: SMTPServer) -> None:
+    result = invoke(*run_args(app_db, smtp_server.url, "--users-table", "players"))
+
+    assert result.exit_code == 2
+    assert "'players' not found" in result.stderr
+    assert "--users-table" in result.stderr
+    assert smtp_server.sink.received == []
+
+
+def test_missing_column_in_dry_run_is_usage_error(invoke: Any, app_db: str) -> None:
+    result = invoke("run", "--dry-run", "--database-url", app_db, "--points-column", "score")
+
+    assert result.exit_code == 2
+    assert "--points-column" in result.stderr
 
 
 def test_postgresql_connections_killed_mid_run(invoke: Any, smtp_server: SMTPServer, server_databases: Any) -> None:

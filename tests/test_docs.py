@@ -96,3 +96,32 @@ def test_setting_options_match_settings() -> None:
         for option in options(command):
             if option.name in SETTINGS_BY_NAME:
                 assert option.opts == [SETTINGS_BY_NAME[option.name].flag]
+
+
+LOCK_DIRECTORIES = ("/run/lock", "/var/lock", "$XDG_RUNTIME_DIR")  # the order poller.lock.lock_directory tries
+
+
+@pytest.mark.parametrize(
+    "text",
+    [SETTINGS_BY_NAME["lock_file"].help, settings_rows()["lock_file"][5]],
+    ids=["help", "configuration.md"],
+)
+def test_lock_directories_in_code_order(text: str) -> None:
+    positions = [text.find(directory) for directory in LOCK_DIRECTORIES]
+
+    assert -1 not in positions
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/operations.md", "docs/cron.md"])
+def test_install_steps_use_checkout(name: str) -> None:
+    text = (DOC.parent.parent / name).read_text(encoding="utf-8")
+
+    assert "install 'poller[" not in text
+
+
+def test_readme_install_has_driver_extra() -> None:
+    # The README's cron section configures PostgreSQL, so its install needs the driver.
+    text = (DOC.parent.parent / "README.md").read_text(encoding="utf-8")
+
+    assert "pip install '.[postgresql]'" in text

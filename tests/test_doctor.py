@@ -126,3 +126,38 @@ def test_doctor_reports_bad_configuration(invoke: Any, tmp_path: Path) -> None:
 
     assert result.exit_code == 1
     assert doctor_lines(result.stdout)["configuration"].startswith("FAIL Invalid value 'lots'")
+
+
+def test_doctor_warns_on_readable_config_password(invoke: Any, tmp_path: Path, smtp_server: SMTPServer) -> None:
+    config = tmp_path / "poller.toml"
+    config.write_text(f'mail_url = "{smtp_server.url}"\nsmtp_password = "c0nfig-pass"\n')
+    config.chmod(0o644)
+
+    result = invoke("doctor", "--config", str(config), "--file", str(tmp_path / "no-cron"))
+
+    line = doctor_lines(result.stdout)["config file"]
+    assert line.startswith("warn ")
+    assert "readable by other users" in line
+    assert "chmod o-r" in line
+    assert "c0nfig-pass" not in result.output
+
+
+def test_doctor_warns_on_database_url_password(invoke: Any, tmp_path: Path) -> None:
+    config = tmp_path / "poller.toml"
+    config.write_text('database_url = "postgresql+psycopg://app:s3cret@127.0.0.1:1/app"\n')
+    config.chmod(0o604)
+
+    result = invoke("doctor", "--config", str(config), "--file", str(tmp_path / "no-cron"))
+
+    assert doctor_lines(result.stdout)["config file"].startswith("warn ")
+    assert "s3cret" not in result.output
+
+
+def test_doctor_accepts_private_config_password(invoke: Any, tmp_path: Path, smtp_server: SMTPServer) -> None:
+    config = tmp_path / "poller.toml"
+    config.write_text(f'mail_url = "{smtp_server.url}"\nsmtp_password = "c0nfig-pass"\n')
+    config.chmod(0o600)
+
+    result = invoke("doctor", "--config", str(config), "--file", str(tmp_path / "no-cron"))
+
+    assert doctor_lines(result.stdout)["config file"].startswith("ok ")

@@ -277,6 +277,8 @@ def test_send_test_delivers_and_records_nothing(invoke: Any, tmp_path: Path, smt
 
     assert result.exit_code == 0, result.output
     assert smtp_server.sink.recipients() == ["ops@example.com"]
+    assert "Sent a test message (points-100) to ops@example.com" in result.stdout
+    assert "Sent a test message" not in result.stderr
     message = smtp_server.sink.received[0].message
     assert message["Subject"] == "Congratulations, you reached 100 points!"
     assert "Hello Sample User," in message.get_content()
@@ -290,6 +292,7 @@ def test_send_test_refused_fails(invoke: Any, smtp_server: SMTPServer) -> None:
 
     assert result.exit_code == 1
     assert "550 5.7.1 Relaying denied" in result.stderr
+    assert result.stdout == ""
 
 
 def test_send_test_bad_address_is_usage_error(invoke: Any, smtp_server: SMTPServer) -> None:
