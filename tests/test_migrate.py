@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +94,13 @@ def test_installed_package_carries_migrations(tmp_path: Path) -> None:
     # A plain (non-editable) install, run from outside the source tree, must
     # find its migrations inside the installed package.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # The dependencies come from this interpreter's site-packages through a
+    # .pth file, so nothing is downloaded. Its own .pth files (such as the
+    # editable install of this checkout) are not processed from there, so
+    # `import poller` finds only the copy installed below.
+    target = next((venv / "lib").glob("python3*/site-packages"))
+    (target / "parent_site_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(REPOSITORY)],
         capture_output=True,
