@@ -93,7 +93,7 @@ def exposed_config_password(settings: Settings) -> str | None:
     """Return a warning if the config file contains a password and other users may read it, else None."""
     path = settings.config_path
     url_in_file = settings.sources["database_url"] == "file" and _has_password(settings.database_url)
-    in_config = settings.sources["smtp_password"] == "file" or url_in_file
+    in_config = url_in_file or settings.sources.get("smtp_password") in ("file",)
     if not in_config or path is None or not readable_by_others(path):
         return None
     return f"Config file {path} contains a password and is readable by other users; run: chmod o-r {shlex.quote(str(path))}"

@@ -11,7 +11,17 @@ import pytest
 from poller.lock import RunLock
 from tests.conftest import SMTPServer, create_users, upgrade
 
-SUCCESS_KEYS = {"eligible", "sent", "failed", "deferred", "skipped", "claimed_elsewhere", "dry_run", "duration_seconds"}
+SUCCESS_KEYS = {
+    "eligible",
+    "sent",
+    "failed",
+    "deferred",
+    "skipped",
+    "claimed_elsewhere",
+    "waiting_retry",
+    "dry_run",
+    "duration_seconds",
+}
 
 
 @pytest.fixture
