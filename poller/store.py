@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -323,6 +324,8 @@ def mark_sent(bind: sa.Engine | sa.Connection, claim: Claim, now: datetime) -> b
     `bind` may be a connection that the caller keeps open for its marks; the
     mark is committed before this returns either way.
     """
+    if isinstance(bind, sa.Connection) and bind.dialect.name == "sqlite":
+        return _claim_kept(_mark_sent_sqlite(bind, claim, now), claim)
     values = {
         "status": "sent",
         "sent_at": now,
@@ -333,6 +336,37 @@ def mark_sent(bind: sa.Engine | sa.Connection, claim: Claim, now: datetime) -> b
         "next_attempt_at": None,
     }
     return _update_claimed(bind, claim, values)
+
+
+# The sent mark of mark_sent() as plain SQLite SQL. It runs once per
+# accepted message, and through SQLAlchemy's statement execution it cost
+# about as much as the UPDATE and commit themselves. The columns and the
+# claim-token condition are those of the generic path.
+_SQLITE_MARK_SENT = (
+    "UPDATE sent_notifications SET status = 'sent', sent_at = ?, attempts = ?, email = ?, "
+    "claim_token = NULL, last_error = NULL, next_attempt_at = NULL "
+    "WHERE id = ? AND claim_token = ?"
+)
+
+
+def _mark_sent_sqlite(connection: sa.Connection, claim: Claim, now: datetime) -> bool:
+    """Run _SQLITE_MARK_SENT on the DBAPI connection and commit; return whether the claim was still ours."""
+    raw = cast(sqlite3.Connection, connection.connection.dbapi_connection)
+    # The text form SQLAlchemy's SQLite DateTime type writes and reads back.
+    sent_at = now.strftime("%Y-%m-%d %H:%M:%S.%f")
+    parameters = (sent_at, claim.attempts + 1, claim.recipient.email, claim.row_id, claim.token)
+    cursor = raw.cursor()
+    try:
+        cursor.execute(_SQLITE_MARK_SENT, parameters)
+        updated = cursor.rowcount == 1
+        raw.commit()
+    except sqlite3.Error as exc:
+        raw.rollback()
+        # The run handles SQLAlchemy's errors, which wrap the driver's.
+        raise sa.exc.OperationalError(_SQLITE_MARK_SENT, parameters, exc) from exc
+    finally:
+        cursor.close()
+    return updated
 
 
 def mark_failed(engine: sa.Engine, claim: Claim, error: str, *, attempted: bool = True) -> bool:
@@ -437,7 +471,11 @@ def _update_claimed(bind: sa.Engine | sa.Connection, claim: Claim, values: dict[
     else:
         with bind.begin() as connection:
             result = connection.execute(statement, parameters)
-    if result.rowcount == 1:
+    return _claim_kept(result.rowcount == 1, claim)
+
+
+def _claim_kept(updated: bool, claim: Claim) -> bool:
+    if updated:
         return True
     log.warning(
         "Lost the claim on user %s (rule %s) before recording it: its lease ran out and another run may have taken it. "
