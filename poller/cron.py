@@ -24,8 +24,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from crontab import S_INFO, CronSlice, CronTab
-
 from poller.errors import ConfigError, CronError
 
 log = logging.getLogger(__name__)
@@ -80,6 +78,8 @@ def validate_schedule(expression: str) -> str:
             + "."
         )
 
+    from crontab import S_INFO, CronSlice  # python-crontab imports asyncio: load it only when needed
+
     for info, field_name, value in zip(S_INFO, FIELD_NAMES, fields, strict=True):
         try:
             CronSlice(info, value)
@@ -96,6 +96,8 @@ def describe_schedule(schedule: str) -> str:
     """Return the schedule in English words, such as 'Every 5 minutes'."""
     if schedule == "@reboot":
         return "At system startup"
+    from crontab import CronTab
+
     item = CronTab(tab="").new(command="true")
     item.setall(SPECIAL_SCHEDULES.get(schedule) or schedule)
     return str(item.description(use_24hour_time_format=True))
@@ -105,6 +107,8 @@ def next_runs(schedule: str, count: int = 3, now: datetime.datetime | None = Non
     """Return the next `count` local times the schedule fires after `now`; none for @reboot."""
     if schedule == "@reboot":
         return []
+    from crontab import CronTab
+
     item = CronTab(tab="").new(command="true")
     item.setall(SPECIAL_SCHEDULES.get(schedule) or schedule)
     iterator = item.schedule(date_from=now or datetime.datetime.now())
@@ -235,6 +239,8 @@ class Entry:
 
 def _parse_line(line: str, system: bool) -> list[Entry]:
     """Return poller's entry on this one line, if it carries a poller marker."""
+    from crontab import CronTab
+
     tab = CronTab(tab=line.rstrip("\r\n"), user=False if system else None)
     entries = []
     for item in tab.find_comment(re.compile("^" + re.escape(MARKER_PREFIX))):
