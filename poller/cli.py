@@ -101,7 +101,9 @@ def settings_options(names: tuple[str, ...] | None = None) -> Callable[[F], F]:
         for setting in reversed(SETTINGS):
             if setting.flag is None or (names is not None and setting.name not in names):
                 continue
-            help_text = f"{setting.help} [env {setting.env}; default: {help_default(setting.default)}]"
+            # A setting without a fixed default describes its fallback in its help.
+            default = "" if setting.default is None else f"; default: {help_default(setting.default)}"
+            help_text = f"{setting.help} [env {setting.env}{default}]"
             func = click.option(
                 setting.flag,
                 setting.name,

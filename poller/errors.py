@@ -31,6 +31,18 @@ class MailError(PollerError):
     """The mail backend cannot deliver at all (as opposed to one recipient)."""
 
 
+class MailStalled(MailError):
+    """The server stopped confirming messages; `reply` describes the last one.
+
+    The run records that message as a transient failure, like the ones
+    before it, and then stops.
+    """
+
+    def __init__(self, message: str, reply: str) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
 class MailConfigError(MailError):
     """The mail server rejected our setup: TLS mode, certificate, credentials.
 

@@ -20,7 +20,7 @@ from email.message import EmailMessage
 from email.utils import getaddresses
 from typing import IO, TYPE_CHECKING, Protocol
 
-from poller.errors import ConfigError, MailConfigError, MailError
+from poller.errors import ConfigError, MailConfigError, MailError, MailStalled
 from poller.settings import MailURL, Settings
 
 if TYPE_CHECKING:
@@ -282,9 +282,10 @@ class SMTPBackend:
             if _is_timeout(exc):
                 self.data_timeouts += 1
                 if self.data_timeouts >= MAX_DATA_TIMEOUTS:
-                    raise MailError(
+                    raise MailStalled(
                         f"The mail server at {self.where} did not confirm {self.data_timeouts} messages in a row "
-                        f"within {self.timeout:g} s after DATA; stopping the run. Check the server, or raise --smtp-timeout."
+                        f"within {self.timeout:g} s after DATA; stopping the run. Check the server, or raise --smtp-timeout.",
+                        f"connection lost during DATA: {exc or type(exc).__name__}",
                     ) from None
             return Outcome(Status.TRANSIENT, f"connection lost during DATA: {exc or type(exc).__name__}")
         self.data_timeouts = 0

@@ -20,8 +20,8 @@ from typing import IO, Any, Protocol
 import sqlalchemy as sa
 
 from poller import db, store
-from poller.errors import DatabaseError, PollerError
-from poller.mail import Backend, BackendFactory, Status, backend_factory, envelope_sender
+from poller.errors import DatabaseError, MailStalled, PollerError
+from poller.mail import Backend, BackendFactory, Outcome, Status, backend_factory, envelope_sender
 from poller.message import Recipient, build_message, new_message_id
 from poller.schema import sent_notifications
 from poller.settings import Rule, Settings, redact_url
@@ -57,7 +57,8 @@ class RunResult:
     deferred: int = 0  # transient error: a later run retries
     skipped: int = 0  # invalid rows, logged with the user id
     claimed_elsewhere: int = 0  # another run claimed them between our SELECT and INSERT
-    waiting_retry: int = 0  # deferred earlier, not due again until their next_attempt_at
+    waiting_retry: int = 0  # deferred by an earlier run, not due again until their next_attempt_at
+    released: int = 0  # claimed but not attempted when the run stopped; the next run takes them
     dry_run: bool = False
     duration_seconds: float = 0.0
     previews: list[Preview] = dataclasses.field(default_factory=list)
@@ -80,6 +81,7 @@ class RunResult:
             "skipped": self.skipped,
             "claimed_elsewhere": self.claimed_elsewhere,
             "waiting_retry": self.waiting_retry,
+            "released": self.released,
             "dry_run": self.dry_run,
             "duration_seconds": round(self.duration_seconds, 3),
         }
@@ -91,10 +93,12 @@ class RunResult:
         prefix = "Dry run: " if self.dry_run else ""
         verb = "would send" if self.dry_run else "sent"
         count = len(self.previews) if self.dry_run else self.sent
+        # Only a run that stopped early releases claims, so the count shows only then.
+        released = f", released unsent {self.released}" if self.released else ""
         return (
             f"{prefix}{self.eligible} eligible, {verb} {count}, failed {self.failed}, "
             f"deferred {self.deferred}, skipped {self.skipped}, claimed by another run {self.claimed_elsewhere}, "
-            f"waiting for a retry {self.waiting_retry} in {self.duration_seconds:.2f} s"
+            f"waiting for a retry {self.waiting_retry}{released} in {self.duration_seconds:.2f} s"
         )
 
 
@@ -227,7 +231,9 @@ class Run:
     def count_waiting(self, rules: Sequence[Rule]) -> None:
         """Count the notifications deferred by earlier runs, which this run could not retry yet."""
         try:
-            self.result.waiting_retry = store.count_waiting(self.engine, rules, self.clock())
+            # Rows this run deferred wait too, but they are counted as deferred.
+            waiting = store.count_waiting(self.engine, rules, self.clock())
+            self.result.waiting_retry = max(0, waiting - self.result.deferred)
         except sa.exc.SQLAlchemyError as exc:
             log.debug("Could not count notifications waiting for a retry: %s", exc)
 
@@ -245,6 +251,7 @@ class Run:
                 db.describe_error(exc, self.settings.database_url),
             )
             return
+        self.result.released = released
         if released:
             log.info("Released %d claimed notifications that were not sent; the next run retries them", released)
 
@@ -403,8 +410,18 @@ class Run:
             recipient, claim.rule, sender=self.sender, message_id=claim.message_id, now=aware(self.clock())
         )
 
-        outcome = self.backend(slot).send(message, self.envelope_sender, recipient.email)
+        try:
+            outcome = self.backend(slot).send(message, self.envelope_sender, recipient.email)
+        except MailStalled as exc:
+            # This message went out like the unconfirmed ones before it, so
+            # it is recorded the same way before the run stops.
+            self.record(claim, Outcome(Status.TRANSIENT, exc.reply), slot)
+            raise
+        self.record(claim, outcome, slot)
 
+    def record(self, claim: store.Claim, outcome: Outcome, slot: int) -> None:
+        """Mark the claim sent, failed or deferred according to the server's outcome."""
+        recipient = claim.recipient
         now = self.clock()
         if outcome.status is Status.ACCEPTED:
             store.mark_sent(self.mark_connection(slot), claim, now)

@@ -271,6 +271,7 @@ def test_deferred_user_counted_while_waiting(invoke: Any, app_db: str, smtp_serv
 
     assert first.exit_code == 1
     assert json.loads(first.stdout)["deferred"] == 1
+    assert json.loads(first.stdout)["waiting_retry"] == 0
     assert second.exit_code == 0
     counts = json.loads(second.stdout)
     assert counts["sent"] == 0

@@ -19,6 +19,7 @@ SUCCESS_KEYS = {
     "skipped",
     "claimed_elsewhere",
     "waiting_retry",
+    "released",
     "dry_run",
     "duration_seconds",
 }

@@ -315,9 +315,9 @@ def test_server_stalling_before_data_stops_run(invoke: Any, app_db: str, scripte
 
 
 def test_server_stalling_after_data_stops_run(invoke: Any, app_db: str, scripted: ScriptedSMTP) -> None:
-    # Every DATA goes unanswered: the first message is deferred, and the
+    # Every DATA goes unanswered: both messages are deferred, and the
     # second timeout in a row ends the run instead of costing one timeout
-    # per due user.
+    # per due user. The third user's claim is released untouched.
     scripted.stall = lambda event, connection: event == "data-end"
 
     result = invoke(*run_args(app_db, scripted.url, "--smtp-timeout", "1"))
@@ -327,8 +327,10 @@ def test_server_stalling_after_data_stops_run(invoke: Any, app_db: str, scripted
     assert scripted.connections == 2
     rows = rows_by_user(app_db)
     assert sent_emails(app_db) == []
-    assert sorted(row["attempts"] for row in rows.values()) == [0, 0, 1]
+    assert sorted(row["attempts"] for row in rows.values()) == [0, 1, 1]
     assert all(row["claim_token"] is None for row in rows.values())
+    assert "deferred 2" in result.stderr
+    assert "released unsent 1" in result.stderr
 
 
 # Setup faults: TLS mode, certificates, STARTTLS, credentials ---------------
