@@ -333,6 +333,7 @@ def test_database_password_rejected(invoke: Any, tmp_path: Path) -> None:
 
     assert result.exit_code == 2
     assert "s3cret" not in result.output
+    assert "--database-url contains a password" in result.stderr
     assert "config file" in result.stderr
     assert not cron_file.exists()
 

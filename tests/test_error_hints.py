@@ -82,18 +82,6 @@ def test_cron_install_names_password_variable(invoke: Any, tmp_path: Path) -> No
     assert not cron_file.exists()
 
 
-def test_cron_install_names_password_option(invoke: Any, tmp_path: Path) -> None:
-    cron_file = tmp_path / "poller"
-
-    result = invoke(
-        "cron", "install", "--schedule", "@daily", "--file", str(cron_file),
-        "--database-url", "postgresql+psycopg://app:s3cret@127.0.0.1/app",
-    )  # fmt: skip
-
-    assert result.exit_code == 2
-    assert "--database-url contains a password" in result.stderr
-
-
 @pytest.mark.parametrize("address", ["no-at-sign.example.com", "@example.com", "ada@"])
 def test_address_without_parts_explains_form(address: str) -> None:
     with pytest.raises(InvalidRow) as raised:
