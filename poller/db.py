@@ -61,7 +61,7 @@ def create_engine(url: str, *, must_exist: bool = True) -> Engine:
             )
         directory = Path(database).parent
         if not in_memory and not directory.is_dir():
-            # SQLite creates the file but not its directory, and says only
+            # SQLite creates the file but not its directory, and reports only
             # "unable to open database file".
             raise DatabaseError(
                 f"The directory {str(directory)!r} of SQLite database file {database!r} does not exist. "
