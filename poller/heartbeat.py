@@ -50,7 +50,10 @@ class Heartbeat:
         return urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
     def ping(self, signal: str, body: str = "") -> bool:
-        """Send one ping; return whether the monitor returned 2xx. Never raises."""
+        """Send one ping; return whether the monitor returned 2xx.
+
+        Network, HTTP and URL errors are logged as warnings, not raised.
+        """
         request = urllib.request.Request(  # noqa: S310 - the URL was checked to be http or https
             self.endpoint(signal),
             data=body.encode("utf-8")[:MAX_BODY_BYTES],

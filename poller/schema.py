@@ -28,11 +28,11 @@ HEAD_REVISION = "0001"
 
 metadata = MetaData()
 
-# One row per (rule, user). Its life: inserted as `pending` with a claim
-# (claim_token, claimed_at) before any mail leaves; `sent` once the server
-# accepted the message; `failed` after a permanent refusal or too many
-# transient errors. A transient error releases the claim (claim_token NULL)
-# and sets next_attempt_at for the next run.
+# One row per (rule, user). A row is inserted as `pending` with a claim
+# (claim_token, claimed_at) before any mail leaves. It becomes `sent` once
+# the server accepted the message, and `failed` after a permanent refusal or
+# too many transient errors. A transient error releases the claim
+# (claim_token NULL) and sets next_attempt_at for the next run.
 sent_notifications = Table(
     "sent_notifications",
     metadata,

@@ -62,7 +62,7 @@ class Received:
 
 @dataclass
 class MailSink:
-    """aiosmtpd handler that records accepted messages and replies as told.
+    """aiosmtpd handler that records accepted messages and sends the configured replies.
 
     `rcpt_replies` and `data_replies` map a recipient address to the reply
     the server gives at RCPT or after DATA instead of accepting it.
